@@ -1,0 +1,26 @@
+# Two commands: `make demo` and `make test`. Each creates .venv on first use (pip, pinned by
+# constraints.txt) and then runs. PYTHON must be 3.10+ (3.11 uses the torch wheel cached on our machines).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.xa-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv clean-venv
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m xa_lightning.demo
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,127 @@
+"""Console entry points: xa-train, xa-eval, xa-sample, xa-tables, xa-bench, xa-data.
+
+The Hydra tools compose and validate the config once before Hydra runs, so a typo, a wrong type or a
+missing path is one line on stderr with exit code 2 and no output directory is created.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Callable, Optional, Sequence
+
+from xa_lightning.errors import UserError
+
+HYDRA_INFO_FLAGS = ("help", "hydra_help", "info", "cfg", "shell_completion", "resolve")
+
+
+def _fail(message: str, prog: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _load(path: str) -> Callable:
+    module_name, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def run_hydra(config_name: str, task: str, argv: Optional[Sequence[str]], prog: str) -> int:
+    """Pre-check the config, then hand over to Hydra (multirun, launchers, sweepers, output dirs)."""
+    import hydra
+    from hydra._internal.utils import get_args_parser
+
+    from xa_lightning import config as xa_config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = get_args_parser().parse_args(argv)
+    wants_info = any(getattr(args, flag, None) for flag in HYDRA_INFO_FLAGS)
+    try:
+        if not wants_info:
+            cfg = xa_config.compose(config_name, args.overrides)
+            xa_config.validate(cfg)
+        conf_dir = str(xa_config.config_dir())
+    except UserError as exc:
+        return _fail(str(exc), prog)
+
+    task_fn = _load(task)
+    exit_code = {"code": 0}
+
+    def hydra_task(cfg):  # runs once per job
+        try:
+            return task_fn(cfg)
+        except UserError as exc:
+            exit_code["code"] = _fail(str(exc), prog)
+            return None
+
+    xa_config.register_resolvers()
+    main = hydra.main(config_path=conf_dir, config_name=config_name, version_base="1.3")(hydra_task)
+    saved_argv = sys.argv
+    sys.argv = [prog, *argv]
+    try:
+        main()
+    finally:
+        sys.argv = saved_argv
+    return exit_code["code"]
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    """xa-train [overrides]: fit a method (see `xa-train --help` for the config)."""
+    return run_hydra("train", "xa_lightning.train:run", argv, "xa-train")
+
+
+FOLDER_EVAL_COMMANDS = ("fid", "kid", "clip", "ida", "fid-stats")
+
+
+def eval_main(argv: Optional[Sequence[str]] = None) -> int:
+    """xa-eval ckpt_path=... [overrides] | xa-eval {fid,kid,clip,ida,fid-stats} ..."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FOLDER_EVAL_COMMANDS:
+        return _run_plain("xa_lightning.metrics.cli:main", argv, "xa-eval")
+    if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
+        print("usage: xa-eval ckpt_path=<run>.ckpt [hydra overrides]   (generate with the method, then score)\n"
+              "       xa-eval fid --real DIR --fake DIR [--kid]\n"
+              "       xa-eval clip --images DIR --prompts FILE\n"
+              "       xa-eval ida --generated DIR --reference DIR [--backend dlib|insightface]\n"
+              "       xa-eval fid-stats --real DIR --name NAME\n"
+              "The JSON result is the last line of output. `xa-eval --hydra-help` shows Hydra's options.")
+        return 0
+    return run_hydra("eval", "xa_lightning.evaluate:run", argv, "xa-eval")
+
+
+def sample_main(argv: Optional[Sequence[str]] = None) -> int:
+    """xa-sample [backbone=...|ckpt_path=...] prompts=[...]: write images to the run directory."""
+    return run_hydra("sample", "xa_lightning.sample:run", argv, "xa-sample")
+
+
+def tables_main(argv: Optional[Sequence[str]] = None) -> int:
+    return _run_plain("xa_lightning.tables:main", argv, "xa-tables")
+
+
+def bench_main(argv: Optional[Sequence[str]] = None) -> int:
+    return _run_plain("xa_lightning.bench:main", argv, "xa-bench")
+
+
+def data_main(argv: Optional[Sequence[str]] = None) -> int:
+    return _run_plain("xa_lightning.data.cli:main", argv, "xa-data")
+
+
+def _run_plain(path: str, argv: Optional[Sequence[str]], prog: str) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        fn = _load(path)
+    except ModuleNotFoundError as exc:
+        return _fail(f"{prog} is not available in this install ({exc.name} missing)", prog)
+    try:
+        code = fn(argv)
+    except UserError as exc:
+        return _fail(str(exc), prog)
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # python -m xa_lightning.cli train ...
+    commands = {"train": train_main, "eval": eval_main, "sample": sample_main, "tables": tables_main,
+                "bench": bench_main, "data": data_main}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        print(f"usage: python -m xa_lightning.cli {{{','.join(commands)}}} ...", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(commands[sys.argv[1]](sys.argv[2:]))

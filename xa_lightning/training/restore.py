@@ -1,0 +1,38 @@
+"""Rebuild a trained method from its checkpoint (xa-eval, xa-sample)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from xa_lightning.errors import UserError
+from xa_lightning.training.checkpoint_io import safe_torch_load
+from xa_lightning.training.module import AdapterModule
+
+
+def load_method(ckpt_path: str | Path, method_overrides: Optional[dict[str, Any]] = None) -> AdapterModule:
+    """Instantiate the method recorded in a checkpoint and load its adapter state.
+
+    The checkpoint stores the run's resolved config, so no config is needed beside it; frozen backbones
+    are rebuilt from their own config (hub id / local dir / tiny seed), never read from the checkpoint.
+    """
+    from hydra.utils import instantiate
+
+    checkpoint = safe_torch_load(ckpt_path)
+    meta = checkpoint.get("xa") or {}
+    config = meta.get("config")
+    if not config or "method" not in config:
+        raise UserError(f"{ckpt_path} records no run config; it was not written by xa-train")
+    method_cfg = OmegaConf.create(config["method"])
+    if method_overrides:
+        method_cfg = OmegaConf.merge(method_cfg, method_overrides)
+    module = instantiate(method_cfg)
+    if not isinstance(module, AdapterModule):
+        raise UserError(f"{ckpt_path}: method {method_cfg.get('_target_')} is not an xa-lightning AdapterModule")
+    module.check_compatible(meta, source=str(ckpt_path))
+    module.load_state_dict(checkpoint["state_dict"])
+    module.samples_seen = int(meta.get("samples_seen", 0))
+    module.run_config = config
+    return module.eval()
