@@ -102,7 +102,8 @@ def one_line(exc: BaseException) -> str:
         if group:
             return f"{group}={option} is not a config option{hint}"
         return f"config {option!r} not found{hint}"
-    struct = re.search(r"Could not override '([^']+)'.*?Key '([^']+)' is not in struct", text, flags=re.S)
+    struct = re.search(r"Could not override '([^']+)'.*?(is not in struct|To append to your config use)",
+                       text, flags=re.S)
     if struct:
         key = struct.group(1)
         return f"unknown config key {key!r}; check its spelling (to add a new key on purpose use +{key}=...)"
@@ -116,8 +117,7 @@ def one_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------- validate
 def validate(cfg: DictConfig) -> None:
     """Check a composed config before anything runs; raises UserError with one line."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    missing = [k for k in missing if not k.startswith("hydra")]
+    missing = [k for k in _missing_keys(cfg) if not k.startswith("hydra")]
     if missing:
         key = missing[0]
         raise UserError(f"config key {key} is required: set {key}=... on the command line or in an experiment file")
@@ -126,6 +126,24 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(node, DictConfig):
             validate_schema(node, schema_path, key)
     _validate_targets(cfg, path="")
+
+
+def _missing_keys(node: Any, path: str = "") -> list[str]:
+    """Keys whose value is ``???``, without resolving interpolations (they may need Hydra's runtime)."""
+    found = []
+    if isinstance(node, DictConfig):
+        items = [(str(k), k) for k in node.keys()]
+    elif isinstance(node, ListConfig):
+        items = [(f"[{i}]", i) for i in range(len(node))]
+    else:
+        return found
+    for label, key in items:
+        child_path = (f"{path}.{label}" if path and not label.startswith("[") else f"{path}{label}") if path else label
+        if OmegaConf.is_missing(node, key):
+            found.append(child_path)
+        elif not OmegaConf.is_interpolation(node, key):
+            found.extend(_missing_keys(node._get_node(key), child_path))
+    return found
 
 
 def validate_schema(node: DictConfig, schema_path: str, key: str) -> None:

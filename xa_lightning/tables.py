@@ -14,15 +14,6 @@ from typing import Any, Optional, Sequence
 from xa_lightning.errors import UserError
 
 
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, sub in value.items():
-            out.update(flatten(sub, f"{prefix}/{key}" if prefix else str(key)))
-        return out
-    return {prefix: value}
-
-
 def run_label(run_dir: Path) -> str:
     config = run_dir / ".hydra" / "config.yaml"
     if config.is_file():
@@ -34,22 +25,31 @@ def run_label(run_dir: Path) -> str:
     return run_dir.name
 
 
+def rows_from_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``{"eval/<sampler>/<metric>": v}`` (metrics.json's ``metrics``) -> ``{sampler: {metric: v}}``."""
+    per_sampler: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if parts and parts[0] == "eval":
+            parts = parts[1:]
+        if len(parts) < 2 or not isinstance(value, (int, float)):
+            continue
+        per_sampler.setdefault(parts[0], {})["/".join(parts[1:])] = float(value)
+    return per_sampler
+
+
 def collect(dirs: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per (run, sampler) with that sampler's metrics; scalars only."""
+    """One row per (run, sampler) with that sampler's final metrics."""
     rows = []
     for directory in dirs:
         root = Path(directory)
         if not root.exists():
             raise UserError(f"{root} does not exist; pass run or sweep directories (outputs/..., multirun/...)")
         for metrics_file in sorted(root.glob("**/metrics.json")):
-            metrics = json.loads(metrics_file.read_text())
-            samplers = metrics.get("samplers", metrics) if isinstance(metrics, dict) else {}
+            content = json.loads(metrics_file.read_text())
             label = run_label(metrics_file.parent)
-            for sampler, values in samplers.items():
-                if not isinstance(values, dict):
-                    continue
-                scalars = {k: v for k, v in flatten(values).items() if isinstance(v, (int, float))}
-                rows.append({"run": label, "sampler": sampler, **scalars})
+            for sampler, values in rows_from_metrics(content.get("metrics", {})).items():
+                rows.append({"run": label, "sampler": sampler, **values})
     return rows
 
 
