@@ -49,7 +49,7 @@ def backbone_bench(argv: Sequence[str]) -> int:
     result: dict = {"benchmark": "backbone", "device": device_name(device), "flavour": flavour,
                     "batch_size": args.batch_size, "families": {}}
     for family in args.families.split(","):
-        backbone = build_backbone(family, flavour, dtype=dtype).to(device)
+        backbone = build_backbone(family, flavour, dtype=dtype, device=device)
         size = backbone.resolution // backbone.vae_scale_factor
         latents = torch.randn(args.batch_size, backbone.latent_channels, size, size, device=device,
                               dtype=backbone.dtype, requires_grad=True)
