@@ -114,6 +114,22 @@ def one_line(exc: BaseException) -> str:
     return re.sub(r"\s+", " ", first)
 
 
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """Hydra's instantiate, but a UserError raised by a constructor surfaces as itself (one line)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
 # ---------------------------------------------------------------------------------------------- validate
 def validate(cfg: DictConfig) -> None:
     """Check a composed config before anything runs; raises UserError with one line."""

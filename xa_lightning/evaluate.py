@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 def run(cfg: DictConfig) -> Optional[float]:
     import torch
     from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import instantiate
+    from xa_lightning.config import instantiate
 
     from xa_lightning.metrics.config import EvaluationConfig
     from xa_lightning.metrics.evaluate import build_evaluation_set, evaluate_samplers

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from xa_lightning.config import instantiate
 from xa_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -16,8 +17,6 @@ log = logging.getLogger(__name__)
 
 def instantiate_list(node: Optional[DictConfig]) -> list[Any]:
     """Instantiate every ``_target_`` child of a group node (callbacks/, logger/)."""
-    from hydra.utils import instantiate
-
     if not node:
         return []
     return [instantiate(child) for child in node.values()
@@ -73,7 +72,6 @@ def _set_wandb_group(cfg: DictConfig) -> None:
 def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
     """(trainer, model, datamodule) from a composed config; shared by xa-train, tests and the demo."""
     import lightning as L
-    from hydra.utils import instantiate
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)

@@ -18,7 +18,7 @@ def load_method(ckpt_path: str | Path, method_overrides: Optional[dict[str, Any]
     The checkpoint stores the run's resolved config, so no config is needed beside it; frozen backbones
     are rebuilt from their own config (hub id / local dir / tiny seed), never read from the checkpoint.
     """
-    from hydra.utils import instantiate
+    from xa_lightning.config import instantiate
 
     checkpoint = safe_torch_load(ckpt_path)
     meta = checkpoint.get("xa") or {}
