@@ -97,13 +97,26 @@ def finish_loggers(trainer: Any) -> None:
 
 def run(cfg: DictConfig) -> Optional[float]:
     trainer, model, datamodule = build(cfg)
+    out_dir = Path(trainer.default_root_dir)
     try:
         if cfg.train:
             trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        elif cfg.evaluate:  # evaluate given weights (method init_weights, or ckpt_path) without training
+            from xa_lightning.evaluate import evaluate_module
+            from xa_lightning.training import safe_torch_load
+
+            ckpt = resolve_ckpt_path(cfg)
+            if ckpt:
+                checkpoint = safe_torch_load(ckpt)
+                model.on_load_checkpoint(checkpoint)
+                model.load_state_dict(checkpoint["state_dict"])
+            device = "cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu"
+            metrics = evaluate_module(model, cfg.eval, cfg.data, out_dir, device=device)["metrics"]
+        else:
+            raise UserError("train=false and evaluate=false: nothing to do; set train=true or evaluate=true")
     finally:
         finish_loggers(trainer)
-    out_dir = Path(trainer.default_root_dir)
     summary = {"run_dir": str(out_dir), "metrics": metrics}
     if (out_dir / "metrics.json").is_file():
         summary["metrics_file"] = str(out_dir / "metrics.json")
