@@ -4,4 +4,6 @@ Adding a method touches its folder, its config group option and one line here.
 """
 
 METHODS: dict[str, str] = {
+    "sun": "xa_lightning.methods.sun.lit_module:SUNModule",
+    "x_adapter": "xa_lightning.methods.x_adapter.lit_module:XAdapterModule",
 }

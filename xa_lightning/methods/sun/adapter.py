@@ -1,0 +1,199 @@
+"""The SUN adapter: per-cross-attention-layer weights as one diffusers-style model."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention_processor import Attention
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from xa_lightning.errors import UserError
+from xa_lightning.methods.sun.attention import PositiveOnlyAttnProcessor, SUNAttnProcessor
+
+PROCESSOR_SUFFIX = ".processor"
+NORM_SCOPES = ("sample", "token")
+PROJECTION_INITS = ("copy", "random", "zero")
+
+
+class SUNLayer(nn.Module):
+    """Weights SUN adds to one cross-attention layer.
+
+    ``to_k_neg`` / ``to_v_neg`` project the negative prompt; ``neg_alpha`` / ``neg_beta`` are Attention
+    Normalization's per-channel scale and shift. With ``use_positive_branch`` the same again for an
+    extra branch on the prompt (``to_k_pos`` ...), the official release's ``add_pos``.
+    """
+
+    def __init__(self, inner_dim: int, cross_attention_dim: int, use_positive_branch: bool,
+                 alpha_init: float = 1.0, beta_init: float = 0.0) -> None:
+        super().__init__()
+        self.to_k_neg = nn.Linear(cross_attention_dim, inner_dim, bias=False)
+        self.to_v_neg = nn.Linear(cross_attention_dim, inner_dim, bias=False)
+        self.neg_alpha = nn.Parameter(torch.full((inner_dim,), float(alpha_init)))
+        self.neg_beta = nn.Parameter(torch.full((inner_dim,), float(beta_init)))
+        if use_positive_branch:
+            self.to_k_pos = nn.Linear(cross_attention_dim, inner_dim, bias=False)
+            self.to_v_pos = nn.Linear(cross_attention_dim, inner_dim, bias=False)
+            self.pos_alpha = nn.Parameter(torch.full((inner_dim,), float(alpha_init)))
+            self.pos_beta = nn.Parameter(torch.full((inner_dim,), float(beta_init)))
+
+
+def cross_attention_layers(unet: nn.Module) -> list[tuple[str, Attention]]:
+    """The cross-attention layers of a denoiser in ``attn_processors`` order (self-attention excluded)."""
+    processors = getattr(unet, "attn_processors", None)
+    if processors is None:
+        raise TypeError(f"{type(unet).__name__} has no attn_processors; SUN needs a diffusers UNet")
+    modules = dict(unet.named_modules())
+    layers = []
+    for key in processors:
+        name = key[: -len(PROCESSOR_SUFFIX)]
+        module = modules[name]
+        if isinstance(module, Attention) and module.is_cross_attention:
+            layers.append((name, module))
+    return layers
+
+
+def _layer_shape(attn: Attention) -> tuple[int, int]:
+    return int(attn.to_q.out_features), int(attn.to_k.in_features)
+
+
+class SUNAdapter(ModelMixin, ConfigMixin):
+    """SpeedUpNet: all per-layer SUN weights of one denoiser architecture, installable into any denoiser
+    with the same cross-attention layers (the base model, a fine-tuned one, an inpainting UNet).
+
+    Build it with :meth:`from_unet`, plug it in with :meth:`install` (``unet.set_attn_processor`` on the
+    cross-attention layers only) and feed the UNet ``concat_negative(prompt_embeds, negative_embeds)``
+    as ``encoder_hidden_states``. ``save_pretrained`` / ``from_pretrained`` work as for any diffusers model.
+
+    Args:
+        layer_names: module paths of the cross-attention layers, e.g.
+            ``down_blocks.0.attentions.0.transformer_blocks.0.attn2``.
+        inner_dims: each layer's attention width (``to_q.out_features``).
+        cross_attention_dims: each layer's text width (``to_k.in_features``).
+        num_negative_tokens: length of the negative-prompt part of the encoder states (77 for CLIP).
+        use_positive_branch: add the extra positive branch (``to_k_pos`` / ``to_v_pos``).
+        norm_scope: ``"sample"`` (one norm per sample) or ``"token"`` (per sample and token).
+        norm_eps: lower bound of a branch norm.
+        alpha_init, beta_init: initial Attention Normalization scale and shift (paper: 1 and 0).
+    """
+
+    @register_to_config
+    def __init__(self, layer_names: Sequence[str], inner_dims: Sequence[int], cross_attention_dims: Sequence[int],
+                 num_negative_tokens: int = 77, use_positive_branch: bool = False, norm_scope: str = "sample",
+                 norm_eps: float = 1e-6, alpha_init: float = 1.0, beta_init: float = 0.0) -> None:
+        super().__init__()
+        if not (len(layer_names) == len(inner_dims) == len(cross_attention_dims)) or not layer_names:
+            raise ValueError("layer_names, inner_dims and cross_attention_dims must be equally long and non-empty")
+        if norm_scope not in NORM_SCOPES:
+            raise UserError(f"sun norm_scope={norm_scope!r} is not one of {NORM_SCOPES}; fix method.adapter.norm_scope")
+        self.layers = nn.ModuleList(
+            SUNLayer(inner, cross, use_positive_branch, alpha_init, beta_init)
+            for inner, cross in zip(inner_dims, cross_attention_dims))
+        self.enabled = True
+        self.scale = 1.0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_unet(cls, unet: nn.Module, num_negative_tokens: int = 77, use_positive_branch: bool = False,
+                  norm_scope: str = "sample", norm_eps: float = 1e-6, alpha_init: float = 1.0,
+                  beta_init: float = 0.0, projection_init: str = "copy") -> "SUNAdapter":
+        """An adapter shaped for ``unet``'s cross-attention layers.
+
+        ``projection_init``: ``"copy"`` starts ``to_k_neg``/``to_v_neg`` (and the positive branch) from the
+        layer's own ``to_k``/``to_v`` (the negative branch attends like the frozen layer from step 0);
+        ``"random"`` keeps ``nn.Linear``'s default init; ``"zero"`` zeroes the value projections, so the
+        adapter starts as the identity (its gradients then pass through the ``1/eps`` of an all-zero
+        branch norm: prefer ``alpha_init=0`` for an identity start).
+        """
+        if projection_init not in PROJECTION_INITS:
+            raise UserError(f"sun projection_init={projection_init!r} is not one of {PROJECTION_INITS}; "
+                            "fix method.adapter.projection_init")
+        layers = cross_attention_layers(unet)
+        if not layers:
+            raise UserError(f"{type(unet).__name__} has no cross-attention layers to install SUN into")
+        adapter = cls(layer_names=[name for name, _ in layers],
+                      inner_dims=[_layer_shape(attn)[0] for _, attn in layers],
+                      cross_attention_dims=[_layer_shape(attn)[1] for _, attn in layers],
+                      num_negative_tokens=num_negative_tokens, use_positive_branch=use_positive_branch,
+                      norm_scope=norm_scope, norm_eps=norm_eps, alpha_init=alpha_init, beta_init=beta_init)
+        adapter.to(device=unet.device)  # stays fp32 (trainable); the processor casts around an fp16 UNet
+        with torch.no_grad():
+            for layer, (_, attn) in zip(adapter.layers, layers):
+                pairs = [(layer.to_k_neg, attn.to_k), (layer.to_v_neg, attn.to_v)]
+                if use_positive_branch:
+                    pairs += [(layer.to_k_pos, attn.to_k), (layer.to_v_pos, attn.to_v)]
+                for ours, theirs in pairs:
+                    if projection_init == "copy":
+                        ours.weight.copy_(theirs.weight)
+                if projection_init == "zero":
+                    layer.to_v_neg.weight.zero_()
+                    if use_positive_branch:
+                        layer.to_v_pos.weight.zero_()
+        return adapter
+
+    # ------------------------------------------------------------------ plugging in
+    def check_compatible(self, unet: nn.Module) -> list[tuple[str, Attention]]:
+        """The UNet's cross-attention layers, or a UserError naming the first mismatch."""
+        layers = cross_attention_layers(unet)
+        names = [name for name, _ in layers]
+        expected = list(self.config.layer_names)
+        if names != expected:
+            missing = sorted(set(expected) - set(names)) or sorted(set(names) - set(expected)) or names
+            raise UserError(
+                f"SUN adapter was built for {len(expected)} cross-attention layers, this UNet has {len(names)} "
+                f"(first difference: {missing[0]}); use a SUN adapter trained for this UNet architecture")
+        for (name, attn), inner, cross in zip(layers, self.config.inner_dims, self.config.cross_attention_dims):
+            if _layer_shape(attn) != (inner, cross):
+                raise UserError(f"SUN adapter layer {name} expects (inner, text) dims {(inner, cross)}, the UNet has "
+                                f"{_layer_shape(attn)}; use a SUN adapter trained for this UNet architecture")
+        return layers
+
+    def install(self, unet: nn.Module) -> None:
+        """Route ``unet``'s cross-attention layers through SUN (self-attention keeps its processors)."""
+        layers = dict(self.check_compatible(unet))
+        index = {name: i for i, name in enumerate(self.config.layer_names)}
+        processors: dict[str, Any] = {}
+        for key, processor in unet.attn_processors.items():
+            name = key[: -len(PROCESSOR_SUFFIX)]
+            if name in layers:
+                original = processor.original if isinstance(processor, SUNAttnProcessor) else processor
+                processor = SUNAttnProcessor(self.layers[index[name]], self, original)
+            processors[key] = processor
+        unet.set_attn_processor(processors)
+
+    def uninstall(self, unet: nn.Module) -> None:
+        """Give ``unet``'s cross-attention layers back the processors they had before :meth:`install`."""
+        processors = {key: processor.original if isinstance(processor, SUNAttnProcessor) else processor
+                      for key, processor in unet.attn_processors.items()}
+        unet.set_attn_processor(processors)
+
+    @staticmethod
+    def is_installed(unet: nn.Module) -> bool:
+        return any(isinstance(p, SUNAttnProcessor) for p in unet.attn_processors.values())
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Inside, installed layers behave exactly as the frozen model (the CFG teacher shares the UNet)."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    def set_scale(self, scale: float) -> None:
+        """Strength of SUN's correction: 0 gives the original attention, 1 the trained adapter."""
+        self.scale = float(scale)
+
+
+def shield_from_negative_tokens(model: nn.Module, num_negative_tokens: int) -> None:
+    """Let ``model``'s cross-attention (e.g. a ControlNet's) see only the prompt part of SUN's states."""
+    cross = {name for name, _ in cross_attention_layers(model)}
+    processors: dict[str, Any] = {}
+    for key, processor in model.attn_processors.items():
+        if key[: -len(PROCESSOR_SUFFIX)] in cross and not isinstance(processor, PositiveOnlyAttnProcessor):
+            processor = PositiveOnlyAttnProcessor(processor, num_negative_tokens)
+        processors[key] = processor
+    model.set_attn_processor(processors)

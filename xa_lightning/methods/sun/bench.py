@@ -1,0 +1,161 @@
+"""xa-bench sun: wall time per image, 25-step DPM-Solver++ with CFG (teacher) vs SUN 4 steps without CFG.
+
+Both run through the real diffusers pipeline (text encoding, denoising loop, VAE decode) on the same
+backbone in the same process, alternating, median over repeats. The UNet evaluations per image are
+counted with a forward hook: 50 (25 steps x 2 for CFG) vs 4, so the ideal speed-up is 12.5x; on a tiny
+CPU model per-call overhead and the CFG batch costing less than 2x keep it lower, on a real-size GPU
+model the UNet dominates. Runs the tiny backbone on the CPU, and the full-shape SD1.5 (real
+architecture, random weights) on the GPU when there is one. The last output line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+
+TARGET_RATIO = 10.0
+PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+NEGATIVE = "worst quality, low quality, blurry, watermark, text"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class _EvalCounter:
+    """UNet evaluations = batch elements seen by the UNet's forward."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.evaluations = 0
+        self.handle = unet.register_forward_hook(self._record, with_kwargs=True)
+
+    def _record(self, module: Any, args: Any, kwargs: Any, out: Any) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        self.evaluations += int(sample.shape[0])
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def run_one(flavour: str, device: str, dtype: str, batch_size: int, repeats: int, teacher_steps: int,
+            student_steps: int, guidance_scale: float, warmup: int = 1) -> dict[str, Any]:
+    from xa_lightning.backbones import build_backbone
+    from xa_lightning.bench import device_name
+    from xa_lightning.methods.sun.adapter import SUNAdapter
+    from xa_lightning.methods.sun.pipeline import SUNPipeline
+    from xa_lightning.methods.sun.teacher import dpm_solver
+
+    backbone = build_backbone("sd15", flavour, dtype=dtype, device=device)
+    unet = backbone.denoiser
+    adapter = SUNAdapter.from_unet(unet, num_negative_tokens=int(backbone.tokenizers[0].model_max_length))
+    if backbone.dtype != torch.float32:  # the same precision as the UNet it runs beside
+        adapter.to(dtype=backbone.dtype)
+    teacher = backbone.pipeline(scheduler=dpm_solver(backbone.scheduler_config))
+    student = SUNPipeline(backbone.pipeline(), adapter, num_inference_steps=student_steps)
+    adapter.uninstall(unet)  # installed per timed student call below; the teacher runs the bare UNet
+    for pipe in (teacher, student):
+        pipe.set_progress_bar_config(disable=True)
+    prompts, negatives = [PROMPT] * batch_size, [NEGATIVE] * batch_size
+
+    def teacher_call() -> None:
+        teacher(prompts, negative_prompt=negatives, num_inference_steps=teacher_steps,
+                guidance_scale=guidance_scale, generator=torch.Generator("cpu").manual_seed(0), output_type="pil")
+
+    def student_call() -> None:
+        student(prompts, negative_prompt=negatives, generator=torch.Generator("cpu").manual_seed(0),
+                output_type="pil")
+
+    def timed(call: Any, with_sun: bool) -> tuple[float, int]:
+        (adapter.install if with_sun else adapter.uninstall)(unet)
+        counter = _EvalCounter(unet)
+        _sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            call()
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        counter.close()
+        return elapsed, counter.evaluations
+
+    for _ in range(warmup):  # allocations, kernels, lazy init
+        timed(teacher_call, False)
+        timed(student_call, True)
+    teacher_times, student_times = [], []
+    teacher_evals = student_evals = 0
+    for _ in range(repeats):
+        seconds, teacher_evals = timed(teacher_call, False)
+        teacher_times.append(seconds)
+        seconds, student_evals = timed(student_call, True)
+        student_times.append(seconds)
+    teacher_s = statistics.median(teacher_times) / batch_size
+    student_s = statistics.median(student_times) / batch_size
+    return {
+        "backbone": backbone.id,
+        "device": device_name(device),
+        "dtype": dtype,
+        "resolution": backbone.resolution,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "teacher": f"DPM-Solver++ {teacher_steps} steps, CFG {guidance_scale}",
+        "sun": f"DPM-Solver++ trailing {student_steps} steps, no CFG",
+        "teacher_s_per_image": teacher_s,
+        "sun_s_per_image": student_s,
+        "teacher_unet_evals_per_image": teacher_evals / batch_size,
+        "sun_unet_evals_per_image": student_evals / batch_size,
+        "bound": (teacher_evals / max(student_evals, 1)),
+        "ratio": teacher_s / student_s,
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="xa-bench sun", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="auto",
+                        help="auto (tiny on CPU, plus full_shape on the GPU when present), or a comma list of "
+                             "flavour@device, e.g. tiny@cpu,full_shape@cuda")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--teacher-steps", type=int, default=25)
+    parser.add_argument("--student-steps", type=int, default=4)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    args = parser.parse_args(list(argv or []))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.runs == "auto":
+        runs = [("tiny", "cpu")] + ([("full_shape", "cuda")] if torch.cuda.is_available() else [])
+    else:
+        runs = [tuple(item.split("@", 1)) for item in args.runs.split(",")]  # type: ignore[misc]
+        for flavour, device in runs:
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                from xa_lightning.errors import UserError
+
+                raise UserError(f"--runs asks for {flavour}@{device} but no CUDA device is available")
+    results = []
+    for flavour, device in runs:
+        dtype = "fp16" if device.startswith("cuda") else "fp32"
+        result = run_one(flavour, device, dtype, args.batch_size, args.repeats, args.teacher_steps,
+                         args.student_steps, args.guidance_scale, args.warmup)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    # the headline is the largest model measured (the GPU full-shape run when there is one)
+    headline = results[-1]
+    summary = {"benchmark": "sun", "device": headline["device"], "backbone": headline["backbone"],
+               "teacher_s_per_image": headline["teacher_s_per_image"],
+               "sun_s_per_image": headline["sun_s_per_image"],
+               "teacher_unet_evals_per_image": headline["teacher_unet_evals_per_image"],
+               "sun_unet_evals_per_image": headline["sun_unet_evals_per_image"],
+               "bound": headline["bound"], "ratio": headline["ratio"], "target": TARGET_RATIO,
+               "meets_target": headline["ratio"] >= TARGET_RATIO, "runs": results}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
