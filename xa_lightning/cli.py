@@ -69,7 +69,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     return run_hydra("train", "xa_lightning.train:run", argv, "xa-train")
 
 
-FOLDER_EVAL_COMMANDS = ("fid", "kid", "clip", "ida", "fid-stats")
+FOLDER_EVAL_COMMANDS = ("fid", "kid", "clip", "ida", "fid-stats", "edge-f1")
 
 
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -83,6 +83,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
               "       xa-eval clip --images DIR --prompts FILE\n"
               "       xa-eval ida --generated DIR --reference DIR [--backend dlib|insightface]\n"
               "       xa-eval fid-stats --real DIR --name NAME\n"
+              "       xa-eval edge-f1 --generated DIR --control DIR\n"
               "The JSON result is the last line of output. `xa-eval --hydra-help` shows Hydra's options.")
         return 0
     return run_hydra("eval", "xa_lightning.evaluate:run", argv, "xa-eval")
