@@ -81,6 +81,8 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
     callbacks = instantiate_list(cfg.get("callbacks"))
     loggers = instantiate_list(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:  # the composed config beside the metrics (W&B config panel, hparams.yaml)
+        logger.log_hyperparams(model.run_config)
     return trainer, model, datamodule
 
 
