@@ -52,6 +52,35 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("xa.root", lambda: str(repo_root()))
 
 
+# ---------------------------------------------------------------------------------------------- values
+def to_plain(value: Any) -> Any:
+    """OmegaConf containers (what Hydra's instantiate may pass) as plain Python values; others unchanged."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def coerce_options(value: Any, cls: type, key: str) -> Any:
+    """A method's option dataclass from None, an instance, or a (Hydra) mapping; unknown keys -> UserError."""
+    import dataclasses
+    from collections.abc import Mapping
+
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        value = {k: v for k, v in dict(to_plain(value)).items() if k != "_target_"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f" (did you mean {key}.{close[0]}?)" if close else f"; valid keys: {', '.join(sorted(known))}"
+            raise UserError(f"{key}.{unknown[0]} is not a setting of {cls.__name__}{hint}")
+        return cls(**value)
+    raise TypeError(f"{key}: expected {cls.__name__} or a mapping, got {type(value).__name__}")
+
+
 # ---------------------------------------------------------------------------------------------- compose
 def _first_of_sweeps(overrides: Iterable[str]) -> list[str]:
     """Overrides for one job of a sweep: the first value of each sweep; Hydra's own keys dropped."""

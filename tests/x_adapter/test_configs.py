@@ -26,8 +26,8 @@ def test_paper_experiments_compose_with_the_official_settings():
         assert list(cfg.data.extra_resolutions) == [1024] and cfg.data.resolution == 512
         assert (method.plugin.kind, method.sampling.adapter_guidance_start,
                 method.sampling.adapter_condition_scale) == (plugin, alpha, scale)
-        # evaluates a trained mapper: required weights, one optimizer step with lr 0, then the evaluation
-        assert method.mapper.require_init_weights and method.optimizer.lr == 0.0 and cfg.trainer.max_steps == 1
+        # evaluates a trained mapper as given: required weights, no training
+        assert method.mapper.require_init_weights and cfg.train is False
     # the sweeps live in each file's hydra node (not part of a composed job config)
     text = {n: (config_dir() / "experiment" / f"{n}.yaml").read_text() for n in EXPERIMENTS}
     assert "method.mapper.fusion_type: add,spade" in text["x_adapter/ablation_fusion"]

@@ -17,21 +17,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from xa_lightning.data.counters import SampleCounter, SampleSkipped, merge
 from xa_lightning.data.images import DEFAULT_MAX_PIXELS
 from xa_lightning.data.transforms import ImageViews, collate, pixels_to_uint8
+from xa_lightning.config import to_plain
 from xa_lightning.errors import UserError
 
 log = logging.getLogger("xa_lightning.data")
 
 
-def plain(value: Any) -> Any:
-    """OmegaConf containers (from Hydra) as plain Python values."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return value
+plain = to_plain  # OmegaConf containers (from Hydra) as plain Python values
 
 
 @dataclass

@@ -12,6 +12,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from xa_lightning.config import to_plain
 from xa_lightning.errors import UserError
 
 METRIC_NAMES = ("fid", "kid", "clip_score", "clip_image_similarity", "ida", "edge_f1", "style_similarity")
@@ -19,16 +20,7 @@ METRIC_NAMES = ("fid", "kid", "clip_score", "clip_image_similarity", "ida", "edg
 REFERENCE_METRICS = ("clip_image_similarity", "ida", "edge_f1")
 
 
-def _plain(value: Any) -> Any:
-    """OmegaConf containers -> Python containers (instantiate may pass DictConfig/ListConfig)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return value
+_plain = to_plain  # instantiate may pass DictConfig / ListConfig
 
 
 def _from_mapping(cls: type, value: Any, prefix: str) -> Any:

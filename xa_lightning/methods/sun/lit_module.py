@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
+from xa_lightning.config import coerce_options
 from xa_lightning.errors import UserError
 from xa_lightning.methods.sun.adapter import SUNAdapter
 from xa_lightning.methods.sun.msc import DistillationConfig, SUNDistillation
@@ -80,26 +80,7 @@ class SamplingOptions:
                 raise UserError(f"method.sampling.plugin_unets.{name}: use a plain name (letters, digits, _)")
 
 
-def _coerce(value: Any, cls: type, key: str) -> Any:
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, Mapping):
-        try:
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(value, DictConfig):
-                value = OmegaConf.to_container(value, resolve=True)
-        except ImportError:  # pragma: no cover
-            pass
-        value = {k: v for k, v in dict(value).items() if k != "_target_"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise UserError(f"{key}.{unknown[0]} is not a SUN setting; valid keys: {', '.join(sorted(known))}")
-        return cls(**value)
-    raise TypeError(f"expected {cls.__name__} or a mapping, got {type(value).__name__}")
+_coerce = coerce_options
 
 
 class SUNModule(AdapterModule):

@@ -11,7 +11,6 @@ One training step (null-text training, the paper's Sec. 3.2):
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from xa_lightning.config import coerce_options
 from xa_lightning.errors import UserError
 from xa_lightning.methods.x_adapter.injection import ResidualInjector, capture_block_outputs
 from xa_lightning.methods.x_adapter.mapper import FUSION_TYPES, INSERTION_PLACES, XAdapterMapper
@@ -138,22 +138,7 @@ class PluginOptions:
 
 
 def _coerce(value: Any, cls: type, key: str) -> Any:
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, Mapping):
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(value, DictConfig):
-            value = OmegaConf.to_container(value, resolve=True)
-        value = {k: v for k, v in dict(value).items() if k != "_target_"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise UserError(f"method.{key}.{unknown[0]} is not a setting; valid: {', '.join(sorted(known))}")
-        return cls(**value)
-    raise TypeError(f"method.{key}: expected {cls.__name__} or a mapping, got {type(value).__name__}")
+    return coerce_options(value, cls, f"method.{key}")
 
 
 def _build_backbone(spec: Any, key: str) -> torch.nn.Module:
