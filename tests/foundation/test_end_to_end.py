@@ -74,3 +74,16 @@ def test_wrong_method_checkpoint_is_one_line(sun_run, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("xa-train: error:") and "is for method 'sun'" in err[-1]
+
+
+def test_train_false_evaluates_given_weights_without_training(sun_run, tmp_path, capsys):
+    """The evaluation-only experiments (official weights, X-Adapter comparisons) run with train=false."""
+    out = tmp_path / "official"
+    code = cli.train_main(["experiment=sun/official_weights", f"method.adapter.init_weights={sun_run / 'adapter'}",
+                           "backbone=sd15_tiny", "data=laion_demo", "trainer=cpu", "eval=demo", "eval.num_images=2",
+                           "eval.batch_size=2", "logger=none", f"hydra.run.dir={out}"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert {"eval/sun/fid", "eval/teacher/fid", "eval/sun_vs_teacher/fid"} <= set(metrics)
+    assert not (out / "checkpoints").exists(), "train=false must not train or checkpoint"
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["metrics"] == metrics
