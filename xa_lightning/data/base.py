@@ -388,6 +388,37 @@ class ImageTextDataModule(L.LightningDataModule):
         return None
 
 
+class CaptionedFolderDataModule(ImageTextDataModule):
+    """A dataset root holding an image folder and a captions JSONL (CelebAMask-HQ, OpenImages)."""
+
+    root: Optional[Path]
+    images_name: str
+    captions_name: str
+    dataset_title = "dataset"
+
+    def _path(self, name: str) -> Path:
+        """A configured file or folder: absolute as given, else relative to data.root."""
+        path = Path(name).expanduser()
+        return path if path.is_absolute() else self.root / path
+
+    def _demo_root(self) -> Optional[Path]:
+        return self.root
+
+    def _check_root_images_captions(self, images_hint: str) -> None:
+        """data.root, data.images_dir and data.captions exist; else one line naming the key and the fix."""
+        if self.root is None:
+            raise UserError(f"data.root is not set; set data.root=/path/to/{self.dataset_title} or run xa-data demo")
+        if not self.root.is_dir():
+            raise UserError(f"data.root: {self.root} does not exist; set data.root=... or run xa-data demo")
+        images = self._path(self.images_name)
+        if not images.is_dir():
+            raise UserError(f"data.images_dir: {images} does not exist; {images_hint}")
+        captions = self._path(self.captions_name)
+        if not captions.is_file():
+            raise UserError(f"data.captions: {captions} does not exist; write it with "
+                            f"`xa-data caption {images} --out {captions}` or set data.captions=...")
+
+
 class EvalItem:
     """One held-out sample: ``key``, ``caption`` and ``load(views, reference_size) -> (views, reference)``."""
 

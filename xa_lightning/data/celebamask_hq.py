@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from xa_lightning.data.base import EvalItem, ImageTextDataModule
+from xa_lightning.data.base import CaptionedFolderDataModule, EvalItem
 from xa_lightning.data.records import Record, RecordDataset, batched, read_captions
 from xa_lightning.data.transforms import Box, square_around
 from xa_lightning.errors import UserError
@@ -91,8 +91,10 @@ class FaceBox:
         return square_around(box, image.size, self.margin), []
 
 
-class CelebAMaskHQDataModule(ImageTextDataModule):
+class CelebAMaskHQDataModule(CaptionedFolderDataModule):
     """CelebAMask-HQ faces + captions; samples carry ``reference`` (the face) for IP adapters."""
+
+    dataset_title = "CelebAMask-HQ"
 
     name = "celebamask_hq"
     has_references = True
@@ -118,31 +120,14 @@ class CelebAMaskHQDataModule(ImageTextDataModule):
         self.train_records: list[Record] = []
         self.val_records: list[Record] = []
 
-    def _path(self, name: str) -> Path:
-        path = Path(name).expanduser()
-        return path if path.is_absolute() else self.root / path
-
     # ---------------------------------------------------------------- source
-    def _demo_root(self) -> Optional[Path]:
-        return self.root
-
     def _build_demo(self, root: Path) -> None:
         from xa_lightning.data.demo import build_celebamask_hq_demo
 
         build_celebamask_hq_demo(root)
 
     def _check_source(self) -> Optional[Path]:
-        if self.root is None:
-            raise UserError("data.root is not set; set data.root=/path/to/CelebAMask-HQ or run xa-data demo")
-        if not self.root.is_dir():
-            raise UserError(f"data.root: {self.root} does not exist; set data.root=... or run xa-data demo")
-        images = self._path(self.images_name)
-        if not images.is_dir():
-            raise UserError(f"data.images_dir: {images} does not exist; is data.root a CelebAMask-HQ folder?")
-        captions = self._path(self.captions_name)
-        if not captions.is_file():
-            raise UserError(f"data.captions: {captions} does not exist; write it with "
-                            f"`xa-data caption {images} --out {captions}` or set data.captions=...")
+        self._check_root_images_captions("is data.root a CelebAMask-HQ folder?")
         return self.root
 
     def _setup_index(self) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 
 from PIL import Image
 
-from xa_lightning.data.base import EvalItem, ImageTextDataModule
+from xa_lightning.data.base import CaptionedFolderDataModule, EvalItem
 from xa_lightning.data.records import Record, RecordDataset, batched, read_captions
 from xa_lightning.data.transforms import Box, square_around
 from xa_lightning.errors import UserError
@@ -98,8 +98,10 @@ class ObjectBox:
         return square_around(pixels, image.size, self.margin), []
 
 
-class OpenImagesDataModule(ImageTextDataModule):
+class OpenImagesDataModule(CaptionedFolderDataModule):
     """OpenImages images + captions; samples carry ``reference`` (whole image or object crop)."""
+
+    dataset_title = "openimages"
 
     name = "openimages"
     has_references = True
@@ -125,31 +127,14 @@ class OpenImagesDataModule(ImageTextDataModule):
         self.train_records: list[Record] = []
         self.val_records: list[Record] = []
 
-    def _path(self, name: str) -> Path:
-        path = Path(name).expanduser()
-        return path if path.is_absolute() else self.root / path
-
     # ---------------------------------------------------------------- source
-    def _demo_root(self) -> Optional[Path]:
-        return self.root
-
     def _build_demo(self, root: Path) -> None:
         from xa_lightning.data.demo import build_openimages_demo
 
         build_openimages_demo(root)
 
     def _check_source(self) -> Optional[Path]:
-        if self.root is None:
-            raise UserError("data.root is not set; set data.root=/path/to/openimages or run xa-data demo")
-        if not self.root.is_dir():
-            raise UserError(f"data.root: {self.root} does not exist; set data.root=... or run xa-data demo")
-        images = self._path(self.images_name)
-        if not images.is_dir():
-            raise UserError(f"data.images_dir: {images} does not exist; set data.images_dir (e.g. train)")
-        captions = self._path(self.captions_name)
-        if not captions.is_file():
-            raise UserError(f"data.captions: {captions} does not exist; write it with "
-                            f"`xa-data caption {images} --out {captions}` or set data.captions=...")
+        self._check_root_images_captions("set data.images_dir (e.g. train)")
         if self.reference == "object":
             if not self.boxes_name or not self._path(self.boxes_name).is_file():
                 raise UserError(f"data.boxes_csv: {self.boxes_name and self._path(self.boxes_name)} does not exist; "
