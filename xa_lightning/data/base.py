@@ -418,6 +418,45 @@ class CaptionedFolderDataModule(ImageTextDataModule):
             raise UserError(f"data.captions: {captions} does not exist; write it with "
                             f"`xa-data caption {images} --out {captions}` or set data.captions=...")
 
+    # ---------------------------------------------------------------- datasets over train/val records
+    val_split_key = "data.val_size"  # the config key that sized the validation split (for the error)
+
+    def _reference_box(self) -> Any:
+        """How the reference image is cropped from a sample (None: the whole image)."""
+        return None
+
+    def _records_dataset(self, records: list, train: bool) -> Any:
+        from xa_lightning.data.records import RecordDataset
+
+        return RecordDataset(records, views=self.train_views if train else self.eval_views,
+                             counter=self.train_counter if train else self.val_counter, seed=self.seed,
+                             reference_size=self.reference_resolution, reference_box=self._reference_box(),
+                             max_pixels=self.max_pixels, train=train)
+
+    def _train_dataset(self) -> Any:
+        return self._records_dataset(self.train_records, True)
+
+    def _val_dataset(self) -> Any:
+        if not self.val_records:
+            raise UserError(f"{self.val_split_key}=0: there is no validation split")
+        return self._records_dataset(self.val_records, False)
+
+    def _eval_order(self, records: list) -> list:
+        """Order in which held-out records serve the evaluation set."""
+        return list(records)
+
+    def _eval_stream(self) -> Iterator["EvalItem"]:
+        dataset = self._records_dataset(self.val_records or self.train_records, False)
+        for record in self._eval_order(dataset.records):
+            yield EvalItem(record.key, record.caption,
+                           lambda views, size, record=record: dataset.load(record, views, None, size, count=False))
+
+    def iter_cache_batches(self, split: str, batch_size: int) -> Iterator[dict[str, Any]]:
+        from xa_lightning.data.records import batched
+
+        records = self.train_records if split == "train" else self.val_records
+        yield from batched(self._records_dataset(records, split == "train").iter_once(), batch_size)
+
 
 class EvalItem:
     """One held-out sample: ``key``, ``caption`` and ``load(views, reference_size) -> (views, reference)``."""

@@ -19,13 +19,13 @@ import logging
 import random
 import re
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
 
-from xa_lightning.data.base import CaptionedFolderDataModule, EvalItem
-from xa_lightning.data.records import Record, RecordDataset, batched, read_captions
+from xa_lightning.data.base import CaptionedFolderDataModule
+from xa_lightning.data.records import Record, read_captions
 from xa_lightning.data.transforms import Box, square_around
 from xa_lightning.errors import UserError
 
@@ -95,6 +95,7 @@ class CelebAMaskHQDataModule(CaptionedFolderDataModule):
     """CelebAMask-HQ faces + captions; samples carry ``reference`` (the face) for IP adapters."""
 
     dataset_title = "CelebAMask-HQ"
+    val_split_key = "data.val_identities"
 
     name = "celebamask_hq"
     has_references = True
@@ -167,36 +168,13 @@ class CelebAMaskHQDataModule(CaptionedFolderDataModule):
     def _reference_box(self) -> Optional[FaceBox]:
         return FaceBox(self._path(self.masks_name), self.face_margin) if self.reference_crop == "face" else None
 
-    def _records_dataset(self, records: list[Record], train: bool) -> RecordDataset:
-        return RecordDataset(records, views=self.train_views if train else self.eval_views,
-                             counter=self.train_counter if train else self.val_counter, seed=self.seed,
-                             reference_size=self.reference_resolution, reference_box=self._reference_box(),
-                             max_pixels=self.max_pixels, train=train)
-
-    def _train_dataset(self) -> RecordDataset:
-        return self._records_dataset(self.train_records, True)
-
-    def _val_dataset(self) -> RecordDataset:
-        if not self.val_records:
-            raise UserError("data.val_identities=0: there is no validation split")
-        return self._records_dataset(self.val_records, False)
-
-    def _eval_stream(self) -> Iterator[EvalItem]:
-        dataset = self._records_dataset(self.val_records or self.train_records, False)
+    def _eval_order(self, records: list[Record]) -> list[Record]:
         # one image per held-out identity first (A4A: 100 references x 4 generations), then the rest
         firsts: dict[str, int] = {}
-        for i, record in enumerate(dataset.records):
+        for i, record in enumerate(records):
             firsts.setdefault(record.group, i)
         first_set = set(firsts.values())
-        ordered = [dataset.records[i] for i in sorted(first_set)]
-        ordered += [r for i, r in enumerate(dataset.records) if i not in first_set]
-        for record in ordered:
-            yield EvalItem(record.key, record.caption,
-                           lambda views, size, record=record: dataset.load(record, views, None, size, count=False))
-
-    def iter_cache_batches(self, split: str, batch_size: int) -> Iterator[dict[str, Any]]:
-        records = self.train_records if split == "train" else self.val_records
-        yield from batched(self._records_dataset(records, split == "train").iter_once(), batch_size)
+        return [records[i] for i in sorted(first_set)] + [r for i, r in enumerate(records) if i not in first_set]
 
     def source_fingerprint(self) -> dict[str, Any]:
         self.setup()

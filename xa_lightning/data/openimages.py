@@ -20,12 +20,12 @@ import csv
 import logging
 import random
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from PIL import Image
 
-from xa_lightning.data.base import CaptionedFolderDataModule, EvalItem
-from xa_lightning.data.records import Record, RecordDataset, batched, read_captions
+from xa_lightning.data.base import CaptionedFolderDataModule
+from xa_lightning.data.records import Record, read_captions
 from xa_lightning.data.transforms import Box, square_around
 from xa_lightning.errors import UserError
 
@@ -167,30 +167,8 @@ class OpenImagesDataModule(CaptionedFolderDataModule):
         log.info("data: OpenImages %d train / %d val images", len(self.train_records), len(self.val_records))
 
     # ---------------------------------------------------------------- datasets
-    def _records_dataset(self, records: list[Record], train: bool) -> RecordDataset:
-        box = ObjectBox(self.min_box_fraction) if self.reference == "object" else None
-        return RecordDataset(records, views=self.train_views if train else self.eval_views,
-                             counter=self.train_counter if train else self.val_counter, seed=self.seed,
-                             reference_size=self.reference_resolution, reference_box=box,
-                             max_pixels=self.max_pixels, train=train)
-
-    def _train_dataset(self) -> RecordDataset:
-        return self._records_dataset(self.train_records, True)
-
-    def _val_dataset(self) -> RecordDataset:
-        if not self.val_records:
-            raise UserError("data.val_size=0: there is no validation split")
-        return self._records_dataset(self.val_records, False)
-
-    def _eval_stream(self) -> Iterator[EvalItem]:
-        dataset = self._records_dataset(self.val_records or self.train_records, False)
-        for record in dataset.records:
-            yield EvalItem(record.key, record.caption,
-                           lambda views, size, record=record: dataset.load(record, views, None, size, count=False))
-
-    def iter_cache_batches(self, split: str, batch_size: int) -> Iterator[dict[str, Any]]:
-        records = self.train_records if split == "train" else self.val_records
-        yield from batched(self._records_dataset(records, split == "train").iter_once(), batch_size)
+    def _reference_box(self) -> Optional[ObjectBox]:
+        return ObjectBox(self.min_box_fraction) if self.reference == "object" else None
 
     def source_fingerprint(self) -> dict[str, Any]:
         self.setup()
