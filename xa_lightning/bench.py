@@ -11,7 +11,7 @@ import argparse
 import importlib
 import json
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 # name -> "module:function(argv)"; each method/area registers its own benchmark here.
 BENCHMARKS: dict[str, str] = {
@@ -46,13 +46,25 @@ def backbone_bench(argv: Sequence[str]) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     flavour = args.flavour or ("full_shape" if device == "cuda" else "tiny")
     dtype = "bf16" if device == "cuda" else "fp32"
-    result: dict = {"benchmark": "backbone", "device": device_name(device), "flavour": flavour,
-                    "batch_size": args.batch_size, "families": {}}
+    result: dict = {
+        "benchmark": "backbone",
+        "device": device_name(device),
+        "flavour": flavour,
+        "batch_size": args.batch_size,
+        "families": {},
+    }
     for family in args.families.split(","):
         backbone = build_backbone(family, flavour, dtype=dtype, device=device)
         size = backbone.resolution // backbone.vae_scale_factor
-        latents = torch.randn(args.batch_size, backbone.latent_channels, size, size, device=device,
-                              dtype=backbone.dtype, requires_grad=True)
+        latents = torch.randn(
+            args.batch_size,
+            backbone.latent_channels,
+            size,
+            size,
+            device=device,
+            dtype=backbone.dtype,
+            requires_grad=True,
+        )
         cond = backbone.encode_text(["a photo of a cat"] * args.batch_size)
         added = backbone.added_cond_kwargs(cond)
         t = torch.full((args.batch_size,), 500, device=device, dtype=torch.long)
@@ -63,14 +75,16 @@ def backbone_bench(argv: Sequence[str]) -> int:
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        result["families"][family] = {"step_s": sorted(times[1:])[len(times[1:]) // 2],
-                                      "params_m": sum(p.numel() for p in backbone.denoiser.parameters()) / 1e6}
+        result["families"][family] = {
+            "step_s": sorted(times[1:])[len(times[1:]) // 2],
+            "params_m": sum(p.numel() for p in backbone.denoiser.parameters()) / 1e6,
+        }
         del backbone
     print(json.dumps(result))
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(argv or [])
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: xa-bench NAME [args]   (NAME --help for its options)\nbenchmarks: " + ", ".join(BENCHMARKS))

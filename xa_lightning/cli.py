@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 from xa_lightning.errors import UserError
 
@@ -25,7 +25,7 @@ def _load(path: str) -> Callable:
     return getattr(importlib.import_module(module_name), attr)
 
 
-def run_hydra(config_name: str, task: str, argv: Optional[Sequence[str]], prog: str) -> int:
+def run_hydra(config_name: str, task: str, argv: Sequence[str] | None, prog: str) -> int:
     """Pre-check the config, then hand over to Hydra (multirun, launchers, sweepers, output dirs)."""
     import hydra
     from hydra._internal.utils import get_args_parser
@@ -64,7 +64,7 @@ def run_hydra(config_name: str, task: str, argv: Optional[Sequence[str]], prog: 
     return exit_code["code"]
 
 
-def train_main(argv: Optional[Sequence[str]] = None) -> int:
+def train_main(argv: Sequence[str] | None = None) -> int:
     """xa-train [overrides]: fit a method (see `xa-train --help` for the config)."""
     return run_hydra("train", "xa_lightning.train:run", argv, "xa-train")
 
@@ -72,41 +72,43 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 FOLDER_EVAL_COMMANDS = ("fid", "kid", "clip", "ida", "fid-stats", "edge-f1")
 
 
-def eval_main(argv: Optional[Sequence[str]] = None) -> int:
+def eval_main(argv: Sequence[str] | None = None) -> int:
     """xa-eval ckpt_path=... [overrides] | xa-eval {fid,kid,clip,ida,fid-stats} ..."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in FOLDER_EVAL_COMMANDS:
         return _run_plain("xa_lightning.metrics.cli:main", argv, "xa-eval")
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
-        print("usage: xa-eval ckpt_path=<run>.ckpt [hydra overrides]   (generate with the method, then score)\n"
-              "       xa-eval fid --real DIR --fake DIR [--kid]\n"
-              "       xa-eval clip --images DIR --prompts FILE\n"
-              "       xa-eval ida --generated DIR --reference DIR [--backend dlib|insightface]\n"
-              "       xa-eval fid-stats --real DIR --name NAME\n"
-              "       xa-eval edge-f1 --generated DIR --control DIR\n"
-              "The JSON result is the last line of output. `xa-eval --hydra-help` shows Hydra's options.")
+        print(
+            "usage: xa-eval ckpt_path=<run>.ckpt [hydra overrides]   (generate with the method, then score)\n"
+            "       xa-eval fid --real DIR --fake DIR [--kid]\n"
+            "       xa-eval clip --images DIR --prompts FILE\n"
+            "       xa-eval ida --generated DIR --reference DIR [--backend dlib|insightface]\n"
+            "       xa-eval fid-stats --real DIR --name NAME\n"
+            "       xa-eval edge-f1 --generated DIR --control DIR\n"
+            "The JSON result is the last line of output. `xa-eval --hydra-help` shows Hydra's options."
+        )
         return 0
     return run_hydra("eval", "xa_lightning.evaluate:run", argv, "xa-eval")
 
 
-def sample_main(argv: Optional[Sequence[str]] = None) -> int:
+def sample_main(argv: Sequence[str] | None = None) -> int:
     """xa-sample [backbone=...|ckpt_path=...] prompts=[...]: write images to the run directory."""
     return run_hydra("sample", "xa_lightning.sample:run", argv, "xa-sample")
 
 
-def tables_main(argv: Optional[Sequence[str]] = None) -> int:
+def tables_main(argv: Sequence[str] | None = None) -> int:
     return _run_plain("xa_lightning.tables:main", argv, "xa-tables")
 
 
-def bench_main(argv: Optional[Sequence[str]] = None) -> int:
+def bench_main(argv: Sequence[str] | None = None) -> int:
     return _run_plain("xa_lightning.bench:main", argv, "xa-bench")
 
 
-def data_main(argv: Optional[Sequence[str]] = None) -> int:
+def data_main(argv: Sequence[str] | None = None) -> int:
     return _run_plain("xa_lightning.data.cli:main", argv, "xa-data")
 
 
-def _run_plain(path: str, argv: Optional[Sequence[str]], prog: str) -> int:
+def _run_plain(path: str, argv: Sequence[str] | None, prog: str) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         fn = _load(path)
@@ -120,8 +122,14 @@ def _run_plain(path: str, argv: Optional[Sequence[str]], prog: str) -> int:
 
 
 if __name__ == "__main__":  # python -m xa_lightning.cli train ...
-    commands = {"train": train_main, "eval": eval_main, "sample": sample_main, "tables": tables_main,
-                "bench": bench_main, "data": data_main}
+    commands = {
+        "train": train_main,
+        "eval": eval_main,
+        "sample": sample_main,
+        "tables": tables_main,
+        "bench": bench_main,
+        "data": data_main,
+    }
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(f"usage: python -m xa_lightning.cli {{{','.join(commands)}}} ...", file=sys.stderr)
         sys.exit(2)

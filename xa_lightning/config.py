@@ -15,23 +15,16 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-import os
 import re
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from xa_lightning.errors import UserError
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-def repo_root() -> Path:
-    """The checkout holding ``conf/`` and ``experiments/`` (``XA_ROOT`` overrides)."""
-    env = os.environ.get("XA_ROOT")
-    return Path(env).resolve() if env else PACKAGE_DIR.parent
+from xa_lightning.paths import repo_root
 
 
 def config_dir() -> Path:
@@ -125,14 +118,18 @@ def one_line(exc: BaseException) -> str:
     missing = re.search(r"Could not find '([^']+)'", text)
     if missing:
         group, _, option = missing.group(1).rpartition("/")
-        options = re.findall(r"^\s+(\S+)\s*$", text.split("Available options", 1)[-1], flags=re.M) \
-            if "Available options" in text else []
+        options = (
+            re.findall(r"^\s+(\S+)\s*$", text.split("Available options", 1)[-1], flags=re.M)
+            if "Available options" in text
+            else []
+        )
         hint = f"; available: {', '.join(options)}" if options else ""
         if group:
             return f"{group}={option} is not a config option{hint}"
         return f"config {option!r} not found{hint}"
-    struct = re.search(r"Could not override '([^']+)'.*?(is not in struct|To append to your config use)",
-                       text, flags=re.S)
+    struct = re.search(
+        r"Could not override '([^']+)'.*?(is not in struct|To append to your config use)", text, flags=re.S
+    )
     if struct:
         key = struct.group(1)
         return f"unknown config key {key!r}; check its spelling (to add a new key on purpose use +{key}=...)"
@@ -177,7 +174,7 @@ def _missing_keys(node: Any, path: str = "") -> list[str]:
     """Keys whose value is ``???``, without resolving interpolations (they may need Hydra's runtime)."""
     found = []
     if isinstance(node, DictConfig):
-        items = [(str(k), k) for k in node.keys()]
+        items = [(str(k), k) for k in node]
     elif isinstance(node, ListConfig):
         items = [(f"[{i}]", i) for i in range(len(node))]
     else:
@@ -226,7 +223,7 @@ def _validate_targets(node: Any, path: str) -> None:
     if isinstance(node, DictConfig):
         if "_target_" in node and not OmegaConf.is_interpolation(node, "_target_"):
             _check_target_node(node, path)
-        for key in node.keys():
+        for key in node:
             if OmegaConf.is_interpolation(node, key) or OmegaConf.is_missing(node, key):
                 continue
             child_path = f"{path}.{key}" if path else str(key)
@@ -251,7 +248,7 @@ def _check_target_node(node: DictConfig, path: str) -> None:
         hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
     except Exception:
         hints = {}
-    for key in node.keys():
+    for key in node:
         key = str(key)
         if key.startswith("_") and key.endswith("_"):
             continue
@@ -291,7 +288,7 @@ def _matches(value: Any, annotation: Any) -> bool:
     return True
 
 
-def _simple_options(annotation: Any) -> Optional[set]:
+def _simple_options(annotation: Any) -> set | None:
     if annotation in _SIMPLE:
         return {annotation}
     origin = typing.get_origin(annotation)

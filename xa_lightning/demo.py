@@ -18,8 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from xa_lightning.config import compose, repo_root
+from xa_lightning.config import compose
 from xa_lightning.methods import METHODS
+from xa_lightning.paths import repo_root
 
 DEMO_BACKBONES = ("sd15_tiny", "sdxl_tiny", "pixart_alpha_tiny")
 
@@ -59,8 +60,14 @@ def main() -> int:
     failures = []
     for method in demo_methods():
         print(f"[demo] xa-train experiment=demo/{method}", flush=True)
-        cmd = [sys.executable, "-m", "xa_lightning.cli", "train", f"experiment=demo/{method}",
-               f"hydra.run.dir={out_root / method}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "xa_lightning.cli",
+            "train",
+            f"experiment=demo/{method}",
+            f"hydra.run.dir={out_root / method}",
+        ]
         if subprocess.call(cmd) != 0:
             failures.append(method)
 
@@ -70,8 +77,7 @@ def main() -> int:
     table = markdown(rows)
     (out_root / "results.md").write_text(table + "\n")
     print("\n" + table)
-    print(json.dumps({"demo_dir": str(out_root), "samples": counts, "methods": demo_methods(),
-                      "failed": failures}))
+    print(json.dumps({"demo_dir": str(out_root), "samples": counts, "methods": demo_methods(), "failed": failures}))
     return 1 if failures else 0
 
 

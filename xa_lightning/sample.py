@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from omegaconf import DictConfig
@@ -19,8 +18,11 @@ def read_prompts(cfg: DictConfig) -> list[str]:
         path = Path(cfg.prompts_file)
         if not path.is_file():
             raise UserError(f"prompts_file={path} does not exist; pass prompts='[...]' or an existing file")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
-                   if line.strip() and not line.startswith("#")]
+        prompts = [
+            line.strip()
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.startswith("#")
+        ]
     if not prompts:
         raise UserError("no prompts: set prompts='[a photo of a cat]' or a non-empty prompts_file")
     return (prompts * cfg.num_images)[: cfg.num_images]
@@ -54,8 +56,13 @@ def sample_backbone(cfg: DictConfig, prompts: list[str], seeds: list[int]) -> np
     images = []
     for prompt, seed in zip(prompts, seeds):
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        out = pipe(prompt=prompt, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                   generator=generator, output_type="np")
+        out = pipe(
+            prompt=prompt,
+            num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale,
+            generator=generator,
+            output_type="np",
+        )
         images.append((np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8))
     return np.stack(images)
 
@@ -72,7 +79,7 @@ def sample_method(cfg: DictConfig, prompts: list[str], seeds: list[int]) -> tupl
     return images.permute(0, 2, 3, 1).cpu().numpy(), name
 
 
-def run(cfg: DictConfig) -> Optional[float]:
+def run(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     prompts = read_prompts(cfg)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from xa_lightning.errors import UserError
 
@@ -67,7 +68,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xa-tables", description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="*", default=["outputs", "multirun"], help="run / sweep directories")
     parser.add_argument("--out", default=None, help="also write the Markdown table to this file")

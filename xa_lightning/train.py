@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -15,12 +15,11 @@ from xa_lightning.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def instantiate_list(node: Optional[DictConfig]) -> list[Any]:
+def instantiate_list(node: DictConfig | None) -> list[Any]:
     """Instantiate every ``_target_`` child of a group node (callbacks/, logger/)."""
     if not node:
         return []
-    return [instantiate(child) for child in node.values()
-            if isinstance(child, DictConfig) and "_target_" in child]
+    return [instantiate(child) for child in node.values() if isinstance(child, DictConfig) and "_target_" in child]
 
 
 def find_last_checkpoint(run_name: str, roots: tuple[str, ...] = ("outputs", "multirun")) -> Path:
@@ -35,12 +34,14 @@ def find_last_checkpoint(run_name: str, roots: tuple[str, ...] = ("outputs", "mu
                 if any(n.endswith(f"_{run_name}") for n in names):
                     candidates.append(ckpt)
     if not candidates:
-        raise UserError(f"ckpt_path=last: no earlier run named {run_name!r} with checkpoints/last.ckpt under "
-                        f"{', '.join(roots)}; pass ckpt_path=<file.ckpt> or start without ckpt_path")
+        raise UserError(
+            f"ckpt_path=last: no earlier run named {run_name!r} with checkpoints/last.ckpt under "
+            f"{', '.join(roots)}; pass ckpt_path=<file.ckpt> or start without ckpt_path"
+        )
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
-def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if cfg.get("ckpt_path") in (None, ""):
         return None
     if cfg.ckpt_path == "last":
@@ -97,7 +98,7 @@ def finish_loggers(trainer: Any) -> None:
             wandb.finish()
 
 
-def run(cfg: DictConfig) -> Optional[float]:
+def run(cfg: DictConfig) -> float | None:
     trainer, model, datamodule = build(cfg)
     out_dir = Path(trainer.default_root_dir)
     try:
@@ -125,7 +126,9 @@ def run(cfg: DictConfig) -> Optional[float]:
     print(json.dumps(summary))
     if cfg.get("optimized_metric"):
         if cfg.optimized_metric not in metrics:
-            raise UserError(f"optimized_metric={cfg.optimized_metric} was not logged; "
-                            f"logged: {', '.join(sorted(metrics)) or 'nothing'}")
+            raise UserError(
+                f"optimized_metric={cfg.optimized_metric} was not logged; "
+                f"logged: {', '.join(sorted(metrics)) or 'nothing'}"
+            )
         return metrics[cfg.optimized_metric]
     return None

@@ -11,8 +11,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from xa_lightning.backbones import (
     FAMILIES,
+    AttentionLayer,
     Backbone,
-    CrossAttentionLayer,
     TextConditioning,
     build_backbone,
 )
@@ -266,7 +266,7 @@ def test_cross_attention_layers_follow_attn_processors_order(backbone: Backbone,
     layers = backbone.cross_attention_layers()
     expected_count = {"sd15": 16, "sdxl": 17, "pixart_alpha": 4}[family]
     assert len(layers) == expected_count
-    assert all(isinstance(layer, CrossAttentionLayer) and isinstance(layer.module, Attention) for layer in layers)
+    assert all(isinstance(layer, AttentionLayer) and isinstance(layer.module, Attention) for layer in layers)
     processors = list(backbone.denoiser.attn_processors)
     assert [layer.processor_name for layer in layers] == [p for p in processors if p.endswith("attn2.processor")]
     modules = dict(backbone.denoiser.named_modules())

@@ -37,7 +37,7 @@ def test_special_tokens_and_padding():
 
 
 def test_vocabulary_is_written_atomically_once(tmp_path, monkeypatch):
-    monkeypatch.setenv("XA_LIGHTNING_CACHE", str(tmp_path))
+    monkeypatch.setenv("XA_CACHE_DIR", str(tmp_path))
     target = tokenizer_module.tokenizer_cache_dir()
     assert target == tmp_path / "clip_tokenizer"
     tokenizer_module._write_vocabulary(target)

@@ -44,9 +44,18 @@ def clip_dir(tmp_path_factory) -> str:
 
 
 def _trainer(tmp_path: Path, callbacks: list, loggers, max_steps: int = 4) -> L.Trainer:
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=loggers, callbacks=callbacks,
-                     default_root_dir=str(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, num_sanity_val_steps=0)
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=loggers,
+        callbacks=callbacks,
+        default_root_dir=str(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
 
 
 def _fit(tmp_path: Path, callbacks: list, loggers, datamodule=None, max_steps: int = 4) -> TinyTextAdapterModule:
@@ -72,10 +81,20 @@ def test_csv_logger_metrics_json_grid_pairs_and_unchanged_training(tmp_path, cli
     rng = np.random.default_rng(0)
     for index in range(2):
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(real_dir / f"{index}.png")
-    callback = EvaluationCallback({
-        "metrics": ["fid", "clip_score"], "num_images": 2, "batch_size": 2, "every_n_steps": 2, "log_images": 2,
-        "pairs": [["method", "baseline"]], "prompts_file": "evaluation/prompts/demo.txt", "real_dir": str(real_dir),
-        "clip": {"model": clip_dir}, "progress": False})
+    callback = EvaluationCallback(
+        {
+            "metrics": ["fid", "clip_score"],
+            "num_images": 2,
+            "batch_size": 2,
+            "every_n_steps": 2,
+            "log_images": 2,
+            "pairs": [["method", "baseline"]],
+            "prompts_file": "evaluation/prompts/demo.txt",
+            "real_dir": str(real_dir),
+            "clip": {"model": clip_dir},
+            "progress": False,
+        }
+    )
     run_dir = tmp_path / "run"
     logger = CSVLogger(str(run_dir), name="csv", version="")
     module = _fit(run_dir, [callback], [logger])
@@ -88,14 +107,21 @@ def test_csv_logger_metrics_json_grid_pairs_and_unchanged_training(tmp_path, cli
     torch.testing.assert_close(module.adapter.weight, plain.adapter.weight, rtol=0, atol=0)
 
     summary = json.loads((run_dir / "metrics.json").read_text())
-    keys = {"eval/method/fid", "eval/baseline/fid", "eval/method/clip_score_untrained",
-            "eval/baseline/clip_score_untrained", "eval/method_vs_baseline/fid"}
+    keys = {
+        "eval/method/fid",
+        "eval/baseline/fid",
+        "eval/method/clip_score_untrained",
+        "eval/baseline/clip_score_untrained",
+        "eval/method_vs_baseline/fid",
+    }
     assert keys <= set(summary["metrics"])
     assert [h["step"] for h in summary["history"]] == [2, 4] and summary["final"] and summary["history"][-1]["final"]
     assert summary["untrained"] == ["clip_score_untrained"]
     assert summary["prompts"] == (ROOT / "evaluation/prompts/demo.txt").read_text().splitlines()[:2]
     assert len(summary["per_image"]["method"]["clip_score_untrained"]) == 2
-    assert module.trainer_ref.callback_metrics["eval/method/fid"] == pytest.approx(summary["metrics"]["eval/method/fid"])
+    assert module.trainer_ref.callback_metrics["eval/method/fid"] == pytest.approx(
+        summary["metrics"]["eval/method/fid"]
+    )
 
     with open(Path(logger.log_dir) / "metrics.csv") as handle:
         rows = [r for r in csv.DictReader(handle) if r.get("eval/method/fid")]
@@ -111,9 +137,17 @@ def test_offline_wandb_tensorboard_and_datamodule_sources(tmp_path, clip_dir, mo
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    callback = EvaluationCallback({
-        "metrics": ["clip_score", "clip_image_similarity"], "num_images": 4, "images_per_reference": 2,
-        "batch_size": 4, "log_images": 4, "clip": {"model": clip_dir}, "progress": False})
+    callback = EvaluationCallback(
+        {
+            "metrics": ["clip_score", "clip_image_similarity"],
+            "num_images": 4,
+            "images_per_reference": 2,
+            "batch_size": 4,
+            "log_images": 4,
+            "clip": {"model": clip_dir},
+            "progress": False,
+        }
+    )
     wandb_logger = WandbLogger(project="xa-test", save_dir=str(tmp_path), offline=True)
     tensorboard = TensorBoardLogger(str(tmp_path), name="tb", version="")
     datamodule = EvalDataModule()
@@ -130,8 +164,12 @@ def test_offline_wandb_tensorboard_and_datamodule_sources(tmp_path, clip_dir, mo
     assert all(c["references"] for c in module.sampler_calls)
 
     # offline W&B lost nothing: read the run file back (wandb-core may still be flushing it after finish())
-    expected = {"eval/method/clip_score_untrained", "eval/baseline/clip_image_similarity_untrained",
-                "eval/samples", "eval/table"}
+    expected = {
+        "eval/method/clip_score_untrained",
+        "eval/baseline/clip_image_similarity_untrained",
+        "eval/samples",
+        "eval/table",
+    }
     deadline = time.monotonic() + 60
     while True:
         run = read_offline_run(run_dir)
@@ -147,8 +185,9 @@ def test_offline_wandb_tensorboard_and_datamodule_sources(tmp_path, clip_dir, mo
     assert {"method", "method/clip_score_untrained", "baseline/clip_image_similarity_untrained"} <= set(columns)
     image = next(row["eval/samples"] for row in run["history"] if "eval/samples" in row)
     assert (run_dir / "files" / image["filenames"][0]).is_file()
-    value = next(row["eval/method/clip_score_untrained"] for row in run["history"]
-                 if "eval/method/clip_score_untrained" in row)
+    value = next(
+        row["eval/method/clip_score_untrained"] for row in run["history"] if "eval/method/clip_score_untrained" in row
+    )
     assert value == pytest.approx(summary["metrics"]["eval/method/clip_score_untrained"])
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -160,8 +199,9 @@ def test_offline_wandb_tensorboard_and_datamodule_sources(tmp_path, clip_dir, mo
 
 
 def test_unusable_configuration_fails_before_training(tmp_path, clip_dir):
-    callback = EvaluationCallback({"metrics": ["clip_score"], "prompts_file": str(tmp_path / "missing.txt"),
-                                   "clip": {"model": clip_dir}})
+    callback = EvaluationCallback(
+        {"metrics": ["clip_score"], "prompts_file": str(tmp_path / "missing.txt"), "clip": {"model": clip_dir}}
+    )
     module = TinyTextAdapterModule()
     trainer = _trainer(tmp_path, [callback], False)
     with pytest.raises(UserError, match="missing.txt"):

@@ -7,7 +7,7 @@ callback and the metrics are the real things under test; this module only has to
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import torch
@@ -19,27 +19,64 @@ def tiny_pipeline(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
-                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        latent_channels=4, norm_num_groups=8, sample_size=16)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for code in range(33, 127):  # a character-level vocabulary: enough for any ASCII prompt
         vocab[chr(code)] = len(vocab)
         vocab[chr(code) + "</w>"] = len(vocab)
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                                num_hidden_layers=2, vocab_size=len(vocab),
-                                                max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                                                pad_token_id=1))
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, steps_offset=1, clip_sample=False)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(vocab),
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        clip_sample=False,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval()
@@ -80,8 +117,9 @@ class TinyTextAdapterModule(L.LightningModule):
         self.training_steps = 0
 
     def encode(self, prompts: list[str], use_adapter: bool = True) -> torch.Tensor:
-        ids = self.pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
-                                  return_tensors="pt").input_ids.to(self.device)
+        ids = self.pipe.tokenizer(
+            prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
         embeds = self.text_encoder(ids)[0]
         return embeds + self.adapter(embeds) if use_adapter else embeds
 
@@ -100,17 +138,30 @@ class TinyTextAdapterModule(L.LightningModule):
         return torch.optim.Adam(self.adapter.parameters(), lr=1e-2)
 
     def _sampler(self, use_adapter: bool):
-        def sample(prompts: list[str], seeds: list[int], references: Optional[torch.Tensor]) -> torch.Tensor:
-            self.sampler_calls.append({"training": self.training, "grad": torch.is_grad_enabled(),
-                                       "seeds": list(seeds), "references": references is not None})
+        def sample(prompts: list[str], seeds: list[int], references: torch.Tensor | None) -> torch.Tensor:
+            self.sampler_calls.append(
+                {
+                    "training": self.training,
+                    "grad": torch.is_grad_enabled(),
+                    "seeds": list(seeds),
+                    "references": references is not None,
+                }
+            )
             generators = [torch.Generator().manual_seed(s) for s in seeds]
-            images = self.pipe(prompt_embeds=self.encode(prompts, use_adapter), num_inference_steps=self.steps,
-                               guidance_scale=1.0, height=self.resolution, width=self.resolution,
-                               generator=generators, output_type="pt").images
+            images = self.pipe(
+                prompt_embeds=self.encode(prompts, use_adapter),
+                num_inference_steps=self.steps,
+                guidance_scale=1.0,
+                height=self.resolution,
+                width=self.resolution,
+                generator=generators,
+                output_type="pt",
+            ).images
             return (images * 255).round().clamp(0, 255).to(torch.uint8)
+
         return sample
 
-    def evaluation_samplers(self) -> "OrderedDict[str, Any]":
+    def evaluation_samplers(self) -> OrderedDict[str, Any]:
         return OrderedDict([("method", self._sampler(True)), ("baseline", self._sampler(False))])
 
 

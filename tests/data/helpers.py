@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -39,8 +40,9 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + \
-        chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def sixteen_bit_png(value: int = 0x8000, size: tuple[int, int] = (48, 40)) -> bytes:
@@ -68,8 +70,11 @@ def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> Path:
 
 
 def file_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file()
+    }
 
 
 class Consumer(L.LightningModule):
@@ -92,15 +97,22 @@ class Consumer(L.LightningModule):
         return (self.scale * x.float().mean() - 0.5) ** 2
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.log("val/mean", batch["pixels"].mean() if "pixels" in batch else batch["latents"].mean(),
-                 batch_size=len(batch["caption"]))
+        self.log(
+            "val/mean",
+            batch["pixels"].mean() if "pixels" in batch else batch["latents"].mean(),
+            batch_size=len(batch["caption"]),
+        )
 
     def on_train_end(self) -> None:
         if self.record_dir is not None:
             trainer = self.trainer
-            record = {"keys": self.keys, "batches": self.batches, "world_size": trainer.world_size,
-                      "counts": trainer.datamodule.sample_counts(),
-                      "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("data/")}}
+            record = {
+                "keys": self.keys,
+                "batches": self.batches,
+                "world_size": trainer.world_size,
+                "counts": trainer.datamodule.sample_counts(),
+                "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("data/")},
+            }
             Path(self.record_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -108,8 +120,15 @@ class Consumer(L.LightningModule):
 
 
 def quiet_trainer(**kwargs: Any) -> L.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
 
@@ -118,32 +137,97 @@ def save_tiny_blip2(directory: Path) -> Path:
     """A random tiny BLIP-2 (vision, Q-Former, OPT) + processor with a small word-level tokenizer, saved with
     ``save_pretrained`` so the captioner loads it exactly like a downloaded model."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor,
-                              PreTrainedTokenizerFast)
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+        PreTrainedTokenizerFast,
+    )
 
-    words = ["<pad>", "</s>", "<s>", "<unk>", "<image>"] + (
-        "a an the photo picture of cat dog man woman face smiling red blue green sky tree house car on in with "
-        "and standing sitting small large old young street field table flower close up view").split()
+    words = ["<pad>", "</s>", "<s>", "<unk>", "<image>"] + [
+        "a",
+        "an",
+        "the",
+        "photo",
+        "picture",
+        "of",
+        "cat",
+        "dog",
+        "man",
+        "woman",
+        "face",
+        "smiling",
+        "red",
+        "blue",
+        "green",
+        "sky",
+        "tree",
+        "house",
+        "car",
+        "on",
+        "in",
+        "with",
+        "and",
+        "standing",
+        "sitting",
+        "small",
+        "large",
+        "old",
+        "young",
+        "street",
+        "field",
+        "table",
+        "flower",
+        "close",
+        "up",
+        "view",
+    ]
     backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     config = Blip2Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                            encoder_hidden_size=32, vocab_size=len(tokenizer)),
-        text_config=dict(model_type="opt", vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64,
-                         num_hidden_layers=1, num_attention_heads=2, word_embed_proj_dim=32,
-                         max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        num_query_tokens=4, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        qformer_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            encoder_hidden_size=32,
+            vocab_size=len(tokenizer),
+        ),
+        text_config=dict(
+            model_type="opt",
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        num_query_tokens=4,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
     torch.manual_seed(0)
     model = Blip2ForConditionalGeneration(config).eval()
-    processor = Blip2Processor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
-                               tokenizer=tokenizer, num_query_tokens=4)
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer, num_query_tokens=4
+    )
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory

@@ -11,26 +11,41 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import xa_lightning.data.cache as cache_module
+from tests.data.helpers import Consumer, quiet_trainer
 from xa_lightning.backbones import build_backbone
 from xa_lightning.config import config_dir, register_resolvers
 from xa_lightning.data.cache import CachedDataset, build_cache, find_cache
 from xa_lightning.data.cli import main
 from xa_lightning.errors import UserError
 
-from tests.data.helpers import Consumer, quiet_trainer
-
 
 def data_cfg(data_dir, *overrides):
     register_resolvers()
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return compose(overrides=["+data=laion_demo", "+paths=default", "+backbone=sd15_tiny",
-                                  f"paths.data_dir={data_dir}", *overrides])
+        return compose(
+            overrides=[
+                "+data=laion_demo",
+                "+paths=default",
+                "+backbone=sd15_tiny",
+                f"paths.data_dir={data_dir}",
+                *overrides,
+            ]
+        )
 
 
 @pytest.fixture(scope="module")
 def built(data_dir):
-    code = main(["cache", "data=laion_demo", "backbone=sd15_tiny", f"paths.data_dir={data_dir}", "--batch-size",
-                 "8", "--no-progress"])
+    code = main(
+        [
+            "cache",
+            "data=laion_demo",
+            "backbone=sd15_tiny",
+            f"paths.data_dir={data_dir}",
+            "--batch-size",
+            "8",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     return data_dir
 
@@ -70,8 +85,11 @@ def test_cache_holds_the_encoders_output_and_training_reads_it(built, capsys):
 
 
 def test_stale_or_missing_cache_is_refused(built, tmp_path):
-    for override, differs in (("data.resolution=32", "views.resolution"), ("backbone.seed=1", "backbone.seed"),
-                              ("data.filters.min_aesthetic=6.0", "data.filters.min_aesthetic")):
+    for override, differs in (
+        ("data.resolution=32", "views.resolution"),
+        ("backbone.seed=1", "backbone.seed"),
+        ("data.filters.min_aesthetic=6.0", "data.filters.min_aesthetic"),
+    ):
         cfg = data_cfg(built, "data.cache.enabled=true", override)
         datamodule = instantiate(cfg.data)
         with pytest.raises(UserError, match=r"no cache for this data \+ backbone") as info:
@@ -103,8 +121,7 @@ def test_interrupted_build_resumes_without_rewriting_shards(data_dir, tmp_path, 
     stamp = first.stat().st_mtime_ns
     assert not list(tmp_path.glob("*/manifest.json"))  # nothing half-written is visible as a cache
     monkeypatch.setattr(cache_module, "_encode_batch", real_encode)
-    folder = build_cache(instantiate(cfg.data), cfg.backbone, backbone, batch_size=2, progress=False,
-                         splits=("val",))
+    folder = build_cache(instantiate(cfg.data), cfg.backbone, backbone, batch_size=2, progress=False, splits=("val",))
     assert (folder / "val-00000.safetensors").stat().st_mtime_ns == stamp
     dataset = CachedDataset(folder, "val")
     keys = [dataset[i]["key"] for i in range(len(dataset))]

@@ -6,10 +6,9 @@ import json
 
 import pytest
 
+from tests.data.helpers import save_tiny_blip2, smooth_image
 from xa_lightning.data.captioning import Blip2Captioner, load_blip2
 from xa_lightning.data.cli import main
-
-from tests.data.helpers import save_tiny_blip2, smooth_image
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +28,19 @@ def test_caption_folder_batched_resumable(blip2_dir, tmp_path, capsys):
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (images / "notes.txt").write_text("not an image")
     out = tmp_path / "captions.jsonl"
-    argv = ["caption", str(images), "--out", str(out), "--model", str(blip2_dir), "--batch-size", "2",
-            "--max-new-tokens", "6", "--no-progress"]
+    argv = [
+        "caption",
+        str(images),
+        "--out",
+        str(out),
+        "--model",
+        str(blip2_dir),
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["captioned"] == 5 and report["counts"] == {"skipped_corrupt_image": 1}

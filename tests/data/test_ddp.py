@@ -9,25 +9,39 @@ from __future__ import annotations
 
 import json
 
-from xa_lightning.data import CelebAMaskHQDataModule, LaionDataModule
-
 from tests.data.helpers import Consumer, quiet_trainer
+from xa_lightning.data import CelebAMaskHQDataModule, LaionDataModule
 
 
 def fit_two_ranks(datamodule, out_dir):
     out_dir.mkdir()
-    quiet_trainer(devices=2, strategy="ddp_fork", max_epochs=1, limit_val_batches=0, log_every_n_steps=1) \
-        .fit(Consumer(record_dir=out_dir), datamodule=datamodule)
+    quiet_trainer(devices=2, strategy="ddp_fork", max_epochs=1, limit_val_batches=0, log_every_n_steps=1).fit(
+        Consumer(record_dir=out_dir), datamodule=datamodule
+    )
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
 def test_two_process_ddp_distinct_samples_equal_batches(demo_root, tmp_path):
-    laion = LaionDataModule(root=str(demo_root / "laion"), resolution=32, batch_size=2, num_workers=0, seed=0,
-                            val_fraction=0.2, epoch_samples=12, shuffle_buffer=4,
-                            filters=dict(min_side=64, min_aesthetic=4.5, max_pwatermark=0.8, max_punsafe=0.5))
-    faces = CelebAMaskHQDataModule(root=str(demo_root / "celebamask_hq"), identity_file="identity_CelebA.txt",
-                                   val_identities=4, resolution=32, reference_resolution=16, batch_size=4,
-                                   num_workers=0)
+    laion = LaionDataModule(
+        root=str(demo_root / "laion"),
+        resolution=32,
+        batch_size=2,
+        num_workers=0,
+        seed=0,
+        val_fraction=0.2,
+        epoch_samples=12,
+        shuffle_buffer=4,
+        filters=dict(min_side=64, min_aesthetic=4.5, max_pwatermark=0.8, max_punsafe=0.5),
+    )
+    faces = CelebAMaskHQDataModule(
+        root=str(demo_root / "celebamask_hq"),
+        identity_file="identity_CelebA.txt",
+        val_identities=4,
+        resolution=32,
+        reference_resolution=16,
+        batch_size=4,
+        num_workers=0,
+    )
     for name, datamodule, batches in (("laion", laion, 3), ("faces", faces, 4)):  # 12/(2x2); 36 faces/(2x4)
         a, b = fit_two_ranks(datamodule, tmp_path / name)
         assert a["world_size"] == b["world_size"] == 2
@@ -35,6 +49,6 @@ def test_two_process_ddp_distinct_samples_equal_batches(demo_root, tmp_path):
         assert len(set(a["keys"])) == len(a["keys"]) and not set(a["keys"]) & set(b["keys"]), name
         # rank 0 logs the counters summed over both ranks (each rank counts for itself)
         summed = {k: a["counts"].get(k, 0) + b["counts"].get(k, 0) for k in set(a["counts"]) | set(b["counts"])}
-        assert {k[len("data/"):]: int(v) for k, v in a["logged"].items()} == summed, name
+        assert {k[len("data/") :]: int(v) for k, v in a["logged"].items()} == summed, name
         if name == "laion":
             assert summed and a["counts"] and b["counts"]

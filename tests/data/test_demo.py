@@ -16,8 +16,14 @@ from xa_lightning.data.cli import main
 
 def test_laion_demo_is_img2dataset_output(demo_root):
     root = demo_root / "laion"
-    assert sorted(p.name for p in root.iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json",
-                                                      "00001.parquet", "00001.tar", "00001_stats.json"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "00000.parquet",
+        "00000.tar",
+        "00000_stats.json",
+        "00001.parquet",
+        "00001.tar",
+        "00001_stats.json",
+    ]
     with tarfile.open(root / "00000.tar") as tar:
         names = tar.getnames()
         assert all(re.fullmatch(r"\d{9}\.(jpg|json|txt)", n) for n in names), names[:5]
@@ -56,13 +62,27 @@ def test_openimages_demo_layout(demo_root):
     root = demo_root / "openimages"
     with open(root / "oidv6-train-annotations-bbox.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax",
-                             "IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside"]
+    assert list(rows[0]) == [
+        "ImageID",
+        "Source",
+        "LabelName",
+        "Confidence",
+        "XMin",
+        "XMax",
+        "YMin",
+        "YMax",
+        "IsOccluded",
+        "IsTruncated",
+        "IsGroupOf",
+        "IsDepiction",
+        "IsInside",
+    ]
     ids = {p.stem for p in (root / "train").glob("*.jpg")}
     assert len(ids) == 16 and all(re.fullmatch(r"[0-9a-f]{16}", i) for i in ids)
     assert {r["ImageID"] for r in rows} <= ids
-    assert all(0 <= float(r["XMin"]) < float(r["XMax"]) <= 1 and 0 <= float(r["YMin"]) < float(r["YMax"]) <= 1
-               for r in rows)
+    assert all(
+        0 <= float(r["XMin"]) < float(r["XMax"]) <= 1 and 0 <= float(r["YMin"]) < float(r["YMax"]) <= 1 for r in rows
+    )
     with open(root / "oidv7-class-descriptions-boxable.csv") as handle:
         classes = dict(csv.reader(handle))
     assert classes.pop("LabelName") == "DisplayName" and {r["LabelName"] for r in rows} <= set(classes)

@@ -19,8 +19,17 @@ FILTERS = dict(min_side=64, min_aesthetic=4.5, max_pwatermark=0.8, max_punsafe=0
 
 
 def make(demo_root, **kwargs):
-    options = dict(root=str(demo_root / "laion"), resolution=32, batch_size=4, num_workers=0, seed=0,
-                   val_fraction=0.2, filters=FILTERS, shuffle_buffer=8, log_counts=False)
+    options = dict(
+        root=str(demo_root / "laion"),
+        resolution=32,
+        batch_size=4,
+        num_workers=0,
+        seed=0,
+        val_fraction=0.2,
+        filters=FILTERS,
+        shuffle_buffer=8,
+        log_counts=False,
+    )
     options.update(kwargs)
     datamodule = LaionDataModule(**options)
     datamodule.setup()
@@ -68,8 +77,14 @@ def test_filters_holdout_and_counts(demo_root):
     datamodule = make(demo_root, epoch_samples=16)
     seen = [k for batch in datamodule.train_dataloader() for k in batch["key"]]
     rows = parquet_rows(demo_root)
-    failing = {k for k, r in rows.items() if r["aesthetic"] < 4.5 or r["pwatermark"] > 0.8 or r["punsafe"] > 0.5
-               or min(r["original_width"], r["original_height"]) < 64}
+    failing = {
+        k
+        for k, r in rows.items()
+        if r["aesthetic"] < 4.5
+        or r["pwatermark"] > 0.8
+        or r["punsafe"] > 0.5
+        or min(r["original_width"], r["original_height"]) < 64
+    }
     held_out = {k for k in rows if holdout_value(k) < 0.2}
     assert len(seen) == 16 and len(set(seen)) == 16
     assert not (set(seen) & failing) and not (set(seen) & held_out)
@@ -80,9 +95,12 @@ def test_filters_holdout_and_counts(demo_root):
     for key, r in rows.items():
         if key in held_out:
             continue
-        for reason, fails in (("aesthetic", r["aesthetic"] < 4.5), ("watermark", r["pwatermark"] > 0.8),
-                              ("unsafe", r["punsafe"] > 0.5),
-                              ("min_side", min(r["original_width"], r["original_height"]) < 64)):
+        for reason, fails in (
+            ("aesthetic", r["aesthetic"] < 4.5),
+            ("watermark", r["pwatermark"] > 0.8),
+            ("unsafe", r["punsafe"] > 0.5),
+            ("min_side", min(r["original_width"], r["original_height"]) < 64),
+        ):
             if fails:
                 expected[f"skipped_filter_{reason}"] = expected.get(f"skipped_filter_{reason}", 0) + 1
                 break
@@ -104,8 +122,9 @@ def test_same_seed_same_stream_new_epoch_new_order(demo_root):
     assert epoch0 == epoch(second, second.train_dataloader())
     epoch1 = epoch(first, loader)  # the loader moves on to epoch 1 by itself without a trainer
     assert [k for k, _ in epoch1] != [k for k, _ in epoch0]
-    other_seed = epoch(make(demo_root, epoch_samples=16, seed=1), make(demo_root, epoch_samples=16, seed=1)
-                       .train_dataloader())
+    other_seed = epoch(
+        make(demo_root, epoch_samples=16, seed=1), make(demo_root, epoch_samples=16, seed=1).train_dataloader()
+    )
     assert [k for k, _ in other_seed] != [k for k, _ in epoch0]
 
 

@@ -8,25 +8,34 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from tests.data.helpers import Consumer, quiet_trainer
 from xa_lightning.config import config_dir, register_resolvers
 from xa_lightning.data import SkippedSamplesLogger
 from xa_lightning.errors import UserError
-
-from tests.data.helpers import Consumer, quiet_trainer
 
 
 def data_config(name: str, data_dir, *overrides: str):
     register_resolvers()
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return compose(overrides=[f"+data={name}", "+paths=default", "+backbone=sd15_tiny",
-                                  f"paths.data_dir={data_dir}", *overrides]).data
+        return compose(
+            overrides=[
+                f"+data={name}",
+                "+paths=default",
+                "+backbone=sd15_tiny",
+                f"paths.data_dir={data_dir}",
+                *overrides,
+            ]
+        ).data
 
 
-@pytest.mark.parametrize("name,keys", [
-    ("laion_demo", {"pixels", "pixels_128", "caption", "key", "original_size", "crop_top_left", "target_size"}),
-    ("celebamask_hq_demo", {"pixels", "reference", "caption", "key", "original_size"}),
-    ("openimages_demo", {"pixels", "reference", "caption", "key", "target_size"}),
-])
+@pytest.mark.parametrize(
+    "name,keys",
+    [
+        ("laion_demo", {"pixels", "pixels_128", "caption", "key", "original_size", "crop_top_left", "target_size"}),
+        ("celebamask_hq_demo", {"pixels", "reference", "caption", "key", "original_size"}),
+        ("openimages_demo", {"pixels", "reference", "caption", "key", "target_size"}),
+    ],
+)
 def test_demo_configs_fast_dev_run(name, keys, data_dir):
     overrides = ["data.extra_resolutions=[128]"] if name == "laion_demo" else []
     datamodule = instantiate(data_config(name, data_dir, *overrides))
@@ -35,7 +44,7 @@ def test_demo_configs_fast_dev_run(name, keys, data_dir):
     trainer.fit(model, datamodule=datamodule)
     assert model.batches == 1 and keys <= model.batch_keys
     assert any(isinstance(cb, SkippedSamplesLogger) for cb in trainer.callbacks)
-    logged = {k[len("data/"):]: int(v) for k, v in trainer.callback_metrics.items() if k.startswith("data/")}
+    logged = {k[len("data/") :]: int(v) for k, v in trainer.callback_metrics.items() if k.startswith("data/")}
     assert logged == datamodule.sample_counts()
     if name == "laion_demo":  # the demo filters drop rows as they are read
         assert any(k.startswith("skipped_filter_") for k in logged)

@@ -15,8 +15,16 @@ from xa_lightning.errors import UserError
 
 
 def celeba(root, **kwargs):
-    options = dict(root=str(root), identity_file="identity_CelebA.txt", val_identities=4, resolution=32,
-                   reference_resolution=24, batch_size=4, num_workers=0, log_counts=False)
+    options = dict(
+        root=str(root),
+        identity_file="identity_CelebA.txt",
+        val_identities=4,
+        resolution=32,
+        reference_resolution=24,
+        batch_size=4,
+        num_workers=0,
+        log_counts=False,
+    )
     options.update(kwargs)
     datamodule = CelebAMaskHQDataModule(**options)
     datamodule.setup()
@@ -47,7 +55,7 @@ def test_celeba_split_holds_out_whole_identities(demo_root):
     for record in datamodule.val_records:
         firsts.setdefault(identity[record.key], record)
     assert prompts == [r.caption for r in sorted(firsts.values(), key=lambda r: int(r.key.split(".")[0]))]
-    assert references.shape == (4, 3, 24, 24) and 0 <= references.min() and references.max() <= 1
+    assert references.shape == (4, 3, 24, 24) and references.min() >= 0 and references.max() <= 1
     with pytest.raises(UserError, match="val_identities=40: the dataset has only 22 identities"):
         celeba(root, val_identities=40)
 
@@ -67,17 +75,27 @@ def test_celeba_reference_is_the_face_image_or_its_mask_crop(demo_root, tmp_path
         mask = np.zeros((64, 64), np.uint8)
         mask[20:44, 20:44] = 255
         Image.fromarray(mask).save(root / "CelebAMask-HQ-mask-anno" / "0" / f"{i:05d}_skin.png")
-    (root / "captions.jsonl").write_text("".join(json.dumps({"file": f"{i}.jpg", "caption": f"face {i}"}) + "\n"
-                                                 for i in range(3)))
+    (root / "captions.jsonl").write_text(
+        "".join(json.dumps({"file": f"{i}.jpg", "caption": f"face {i}"}) + "\n" for i in range(3))
+    )
     whole = celeba(root, identity_file=None, val_identities=1, batch_size=1).eval_references(1)
-    face = celeba(root, identity_file=None, val_identities=1, batch_size=1, reference_crop="face",
-                  face_margin=0.0).eval_references(1)
+    face = celeba(
+        root, identity_file=None, val_identities=1, batch_size=1, reference_crop="face", face_margin=0.0
+    ).eval_references(1)
     assert whole.mean() < 0.4 and face.mean() > 0.85
 
 
 def test_openimages_object_reference_crops_a_usable_box(demo_root, tmp_path):
-    demo = OpenImagesDataModule(root=str(demo_root / "openimages"), val_size=4, resolution=32, batch_size=4,
-                                num_workers=0, reference="object", reference_resolution=24, log_counts=False)
+    demo = OpenImagesDataModule(
+        root=str(demo_root / "openimages"),
+        val_size=4,
+        resolution=32,
+        batch_size=4,
+        num_workers=0,
+        reference="object",
+        reference_resolution=24,
+        log_counts=False,
+    )
     demo.setup()
     batch = next(iter(demo.train_dataloader()))
     assert batch["reference"].shape == (4, 3, 24, 24) and len(demo.val_records) == 4
@@ -93,16 +111,39 @@ def test_openimages_object_reference_crops_a_usable_box(demo_root, tmp_path):
         Image.fromarray(image).save(root / "train" / f"{image_id}.jpg", quality=95)
     with open(root / "oidv6-train-annotations-bbox.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax",
-                         "IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside"])
+        writer.writerow(
+            [
+                "ImageID",
+                "Source",
+                "LabelName",
+                "Confidence",
+                "XMin",
+                "XMax",
+                "YMin",
+                "YMax",
+                "IsOccluded",
+                "IsTruncated",
+                "IsGroupOf",
+                "IsDepiction",
+                "IsInside",
+            ]
+        )
         for image_id in ids:
             writer.writerow([image_id, "xclick", "/m/0cmx8", 1, 0.1, 0.4, 0.2, 0.8, 0, 0, 0, 0, 0])
             writer.writerow([image_id, "xclick", "/m/07j7r", 1, 0.5, 1.0, 0.0, 1.0, 0, 0, 1, 0, 0])
     (root / "oidv7-class-descriptions-boxable.csv").write_text("/m/0cmx8,Spoon\n/m/07j7r,Tree\n")  # v6 style
-    (root / "captions.jsonl").write_text("".join(json.dumps({"file": f"{i}.jpg", "caption": "a red thing"}) + "\n"
-                                                 for i in ids))
-    options = dict(root=str(root), val_size=1, resolution=32, batch_size=1, num_workers=0, reference_resolution=16,
-                   log_counts=False)
+    (root / "captions.jsonl").write_text(
+        "".join(json.dumps({"file": f"{i}.jpg", "caption": "a red thing"}) + "\n" for i in ids)
+    )
+    options = dict(
+        root=str(root),
+        val_size=1,
+        resolution=32,
+        batch_size=1,
+        num_workers=0,
+        reference_resolution=16,
+        log_counts=False,
+    )
     obj = OpenImagesDataModule(reference="object", **options)
     whole = OpenImagesDataModule(reference="image", **options)
     ref_obj, ref_whole = obj.eval_references(1)[0], whole.eval_references(1)[0]
@@ -116,8 +157,11 @@ def test_openimages_object_reference_crops_a_usable_box(demo_root, tmp_path):
 
 def test_missing_roots_and_files_are_one_clear_error(tmp_path, demo_root):
     for cls in (CelebAMaskHQDataModule, OpenImagesDataModule):
-        with pytest.raises(UserError, match=rf"^data\.root: {tmp_path}/absent does not exist; set data\.root=\.\.\. "
-                                            r"or run xa-data demo$"):
+        with pytest.raises(
+            UserError,
+            match=rf"^data\.root: {tmp_path}/absent does not exist; set data\.root=\.\.\. "
+            r"or run xa-data demo$",
+        ):
             cls(root=str(tmp_path / "absent")).prepare_data()
     with pytest.raises(UserError, match=r"data\.captions: .*nope\.jsonl does not exist; write it with `xa-data"):
         celeba(demo_root / "celebamask_hq", captions="nope.jsonl")

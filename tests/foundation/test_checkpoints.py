@@ -8,16 +8,23 @@ import lightning as L
 import pytest
 import torch
 
+from tests.foundation.toy_method import ResidualEpsModule, loader
 from xa_lightning.errors import UserError
 from xa_lightning.training import AtomicCheckpointIO, atomic_torch_save, load_method, safe_torch_load
 
-from tests.foundation.toy_method import ResidualEpsModule, loader
-
 
 def make_trainer(tmp_path, max_steps: int, **kwargs) -> L.Trainer:
-    return L.Trainer(default_root_dir=tmp_path, max_steps=max_steps, accelerator="cpu", devices=1,
-                     logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     plugins=[AtomicCheckpointIO()], **kwargs)
+    return L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+        **kwargs,
+    )
 
 
 def adapter_tensors(module) -> dict[str, torch.Tensor]:
@@ -73,7 +80,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
     straight = ResidualEpsModule()
     make_trainer(tmp_path / "straight", max_steps=8, enable_checkpointing=False).fit(
-        straight, train_dataloaders=loader())
+        straight, train_dataloaders=loader()
+    )
 
     first = ResidualEpsModule()
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=2, save_last=True, save_top_k=-1)
@@ -81,7 +89,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
     resumed = ResidualEpsModule()
     make_trainer(tmp_path / "resumed", max_steps=8, enable_checkpointing=False).fit(
-        resumed, train_dataloaders=loader(), ckpt_path=str(tmp_path / "ckpts" / "last.ckpt"))
+        resumed, train_dataloaders=loader(), ckpt_path=str(tmp_path / "ckpts" / "last.ckpt")
+    )
 
     for key, value in adapter_tensors(straight).items():
         torch.testing.assert_close(adapter_tensors(resumed)[key], value, rtol=0, atol=1e-6)

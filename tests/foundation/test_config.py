@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf

@@ -17,8 +17,17 @@ from xa_lightning import cli
 @pytest.fixture(scope="module")
 def sun_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("e2e") / "run"
-    code = cli.train_main(["experiment=demo/sun", "trainer.max_steps=2", "trainer.log_every_n_steps=1", "eval.num_images=2", "eval.batch_size=2",
-                           "logger=many", f"hydra.run.dir={run}"])
+    code = cli.train_main(
+        [
+            "experiment=demo/sun",
+            "trainer.max_steps=2",
+            "trainer.log_every_n_steps=1",
+            "eval.num_images=2",
+            "eval.batch_size=2",
+            "logger=many",
+            f"hydra.run.dir={run}",
+        ]
+    )
     assert code == 0
     return run
 
@@ -55,22 +64,44 @@ def test_training_run_writes_metrics_logs_checkpoint_and_adapter(sun_run):
 
 def test_xa_eval_and_xa_sample_rebuild_the_method_from_the_checkpoint(sun_run, tmp_path, capsys):
     ckpt = sun_run / "checkpoints" / "last.ckpt"
-    assert cli.eval_main([f"ckpt_path={ckpt}", "data=laion_demo", "eval.num_images=2", "eval.batch_size=2",
-                          f"hydra.run.dir={tmp_path / 'eval'}"]) == 0
+    assert (
+        cli.eval_main(
+            [
+                f"ckpt_path={ckpt}",
+                "data=laion_demo",
+                "eval.num_images=2",
+                "eval.batch_size=2",
+                f"hydra.run.dir={tmp_path / 'eval'}",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["method"] == "sun" and "eval/sun/fid" in result["metrics"]
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"] == result["metrics"]
 
-    assert cli.sample_main([f"ckpt_path={ckpt}", "num_images=2", "sampler=teacher",
-                            f"hydra.run.dir={tmp_path / 'sample'}"]) == 0
+    assert (
+        cli.sample_main(
+            [f"ckpt_path={ckpt}", "num_images=2", "sampler=teacher", f"hydra.run.dir={tmp_path / 'sample'}"]
+        )
+        == 0
+    )
     index = json.loads((tmp_path / "sample" / "samples" / "samples.json").read_text())
     assert [e["file"].split("_")[0] for e in index] == ["teacher", "teacher"]
 
 
 def test_wrong_method_checkpoint_is_one_line(sun_run, tmp_path, capsys):
     ckpt = sun_run / "checkpoints" / "last.ckpt"
-    code = cli.train_main(["experiment=demo/x_adapter", f"ckpt_path={ckpt}", "trainer.max_steps=1",
-                           "callbacks=none", "logger=none", f"hydra.run.dir={tmp_path / 'x'}"])
+    code = cli.train_main(
+        [
+            "experiment=demo/x_adapter",
+            f"ckpt_path={ckpt}",
+            "trainer.max_steps=1",
+            "callbacks=none",
+            "logger=none",
+            f"hydra.run.dir={tmp_path / 'x'}",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("xa-train: error:") and "is for method 'sun'" in err[-1]
@@ -79,9 +110,20 @@ def test_wrong_method_checkpoint_is_one_line(sun_run, tmp_path, capsys):
 def test_train_false_evaluates_given_weights_without_training(sun_run, tmp_path, capsys):
     """The evaluation-only experiments (official weights, X-Adapter comparisons) run with train=false."""
     out = tmp_path / "official"
-    code = cli.train_main(["experiment=sun/official_weights", f"method.adapter.init_weights={sun_run / 'adapter'}",
-                           "backbone=sd15_tiny", "data=laion_demo", "trainer=cpu", "eval=demo", "eval.num_images=2",
-                           "eval.batch_size=2", "logger=none", f"hydra.run.dir={out}"])
+    code = cli.train_main(
+        [
+            "experiment=sun/official_weights",
+            f"method.adapter.init_weights={sun_run / 'adapter'}",
+            "backbone=sd15_tiny",
+            "data=laion_demo",
+            "trainer=cpu",
+            "eval=demo",
+            "eval.num_images=2",
+            "eval.batch_size=2",
+            "logger=none",
+            f"hydra.run.dir={out}",
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert {"eval/sun/fid", "eval/teacher/fid", "eval/sun_vs_teacher/fid"} <= set(metrics)

@@ -16,11 +16,16 @@ from xa_lightning.config import _missing_keys, compose, config_dir, validate
 from xa_lightning.errors import UserError
 from xa_lightning.train import build
 
-EXPERIMENTS = sorted(p.relative_to(config_dir() / "experiment").with_suffix("").as_posix()
-                     for p in (config_dir() / "experiment").glob("**/*.yaml"))
+EXPERIMENTS = sorted(
+    p.relative_to(config_dir() / "experiment").with_suffix("").as_posix()
+    for p in (config_dir() / "experiment").glob("**/*.yaml")
+)
 
-DEMO_DATA = {"LaionDataModule": "laion_demo", "CelebAMaskHQDataModule": "celebamask_hq_demo",
-             "OpenImagesDataModule": "openimages_demo"}
+DEMO_DATA = {
+    "LaionDataModule": "laion_demo",
+    "CelebAMaskHQDataModule": "celebamask_hq_demo",
+    "OpenImagesDataModule": "openimages_demo",
+}
 
 
 def tiny_everywhere(node) -> None:
@@ -32,14 +37,21 @@ def tiny_everywhere(node) -> None:
                 node.path = None
                 node.dtype = "fp32"
                 node.vae_dtype = None
-        for key in node.keys():
+        for key in node:
             if not OmegaConf.is_interpolation(node, key):
                 tiny_everywhere(node._get_node(key))
 
 
 def smoke_config(name: str, tmp_path) -> DictConfig:
-    overrides = [f"experiment={name}", "debug=fdr", "logger=none", "callbacks=none",
-                 f"paths.output_dir={tmp_path}", "trainer.detect_anomaly=false", "trainer.precision=32-true"]
+    overrides = [
+        f"experiment={name}",
+        "debug=fdr",
+        "logger=none",
+        "callbacks=none",
+        f"paths.output_dir={tmp_path}",
+        "trainer.detect_anomaly=false",
+        "trainer.precision=32-true",
+    ]
     cfg = compose("train", overrides)
     if any(key.startswith("data.") for key in _missing_keys(cfg)) or "demo" not in str(cfg.data.get("root", "demo")):
         target = str(cfg.data._target_).rsplit(".", 1)[-1]

@@ -23,8 +23,9 @@ class EpsCorrection(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, channels: int = 4, hidden: int = 16) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.SiLU(),
-                                 nn.Conv2d(hidden, channels, 3, padding=1))
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, hidden, 3, padding=1), nn.SiLU(), nn.Conv2d(hidden, channels, 3, padding=1)
+        )
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
@@ -32,7 +33,7 @@ class EpsCorrection(ModelMixin, ConfigMixin):
         return self.net(x)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_backbone(family: str = "sd15", seed: int = 0):
     return build_backbone(family, "tiny", seed=seed)
 
@@ -75,8 +76,12 @@ class FixedLatents(Dataset):
         return len(self.latents)
 
     def __getitem__(self, i: int) -> dict:
-        return {"latents": self.latents[i], "noise": self.noise[i], "timesteps": self.timesteps[i],
-                "caption": f"a photo number {i}"}
+        return {
+            "latents": self.latents[i],
+            "noise": self.noise[i],
+            "timesteps": self.timesteps[i],
+            "caption": f"a photo number {i}",
+        }
 
 
 def loader(batch_size: int = 2) -> DataLoader:

@@ -46,7 +46,7 @@ def write_set(folder: Path, names: list[str], seed: int, size: int = 64, count: 
         height, width = image.shape[:2]
         side = int(min(height, width) * rng.uniform(0.5, 0.8))
         top, left = rng.integers(0, height - side), rng.integers(0, width - side)
-        crop = Image.fromarray(image[top:top + side, left:left + side]).resize((size, size), Image.BICUBIC)
+        crop = Image.fromarray(image[top : top + side, left : left + side]).resize((size, size), Image.BICUBIC)
         crop.save(folder / f"{index:03d}.png")
     return folder
 

@@ -10,8 +10,13 @@ import pytest
 import torch
 
 from xa_lightning.errors import UserError
-from xa_lightning.metrics.clip_score import (ClipImageSimilarity, ClipScore, StyleSimilarity, UntrainedEncoderWarning,
-                                             load_clip)
+from xa_lightning.metrics.clip_score import (
+    ClipImageSimilarity,
+    ClipScore,
+    StyleSimilarity,
+    UntrainedEncoderWarning,
+    load_clip,
+)
 
 TINY_CLIP_CONFIG = {
     "model_cfg": {
@@ -48,8 +53,9 @@ def tiny_clip(tiny_clip_dirs):
 
 
 def _images(seed: int, count: int = 3, size: int = 40) -> torch.Tensor:
-    return torch.randint(0, 256, (count, 3, size, size), generator=torch.Generator().manual_seed(seed),
-                         dtype=torch.uint8)
+    return torch.randint(
+        0, 256, (count, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
+    )
 
 
 def test_random_init_encoder_is_flagged_in_name_and_warning(tiny_clip_dirs):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from xa_lightning.metrics.condition import EdgeF1, canny_edges, edge_f1
+
 from .conftest import photo
 
 
@@ -44,11 +45,11 @@ def test_generated_image_following_the_control_scores_high_and_a_shifted_one_low
 
     image = np.asarray(Image.fromarray(photo("astronaut")).resize((128, 128), Image.BICUBIC)).copy()
     control = _edge_map(image)
-    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).unsqueeze(0)  # noqa: E731
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).unsqueeze(0)
     metric = EdgeF1(radius=2)
     faithful = float(metric.score(as_tensor(image), control)[0])
-    nudged = float(metric.score(as_tensor(np.roll(image, 1, axis=1)), control)[0])     # within tolerance
-    shifted = float(metric.score(as_tensor(np.roll(image, 12, axis=1)), control)[0])   # far off
+    nudged = float(metric.score(as_tensor(np.roll(image, 1, axis=1)), control)[0])  # within tolerance
+    shifted = float(metric.score(as_tensor(np.roll(image, 12, axis=1)), control)[0])  # far off
     other = np.asarray(Image.fromarray(photo("chelsea")).resize((128, 128), Image.BICUBIC)).copy()
     unrelated = float(metric.score(as_tensor(other), control)[0])
     blank = float(metric.score(torch.full((1, 3, 128, 128), 128, dtype=torch.uint8), control)[0])

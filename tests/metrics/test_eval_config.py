@@ -24,8 +24,10 @@ def _compose(*overrides: str):
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose(config_name=None, overrides=["+paths=default", "paths.output_dir=/tmp/unused",
-                                                         "+callbacks=evaluation", *overrides])
+            return compose(
+                config_name=None,
+                overrides=["+paths=default", "paths.output_dir=/tmp/unused", "+callbacks=evaluation", *overrides],
+            )
     finally:
         GlobalHydra.instance().clear()
 
@@ -61,14 +63,17 @@ def test_overrides_reach_the_callback():
     assert evaluation.clip.pretrained is None
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"metrics": ["fid", "clipscore"]}, "did you mean clip_score"),
-    ({"num_images": 0}, "eval.num_images"),
-    ({"clip": {"pretrain": "openai"}}, "eval.clip.pretrain is not an evaluation setting"),
-    ({"ida": {"backend": "facenet"}}, "eval.ida.backend"),
-    ({"pairs": [["a"]]}, "eval.pairs"),
-    ({"metrics": ["style_similarity"]}, "eval.style_reference"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"metrics": ["fid", "clipscore"]}, "did you mean clip_score"),
+        ({"num_images": 0}, "eval.num_images"),
+        ({"clip": {"pretrain": "openai"}}, "eval.clip.pretrain is not an evaluation setting"),
+        ({"ida": {"backend": "facenet"}}, "eval.ida.backend"),
+        ({"pairs": [["a"]]}, "eval.pairs"),
+        ({"metrics": ["style_similarity"]}, "eval.style_reference"),
+    ],
+)
 def test_bad_settings_are_one_line_user_errors(bad, message):
     with pytest.raises(UserError, match=message) as info:
         EvaluationConfig.coerce(bad)

@@ -19,8 +19,14 @@ from .test_clip_score import TINY_CLIP_CONFIG
 
 def seeded_images(seeds: list[int], size: int = 32, offset: int = 0) -> torch.Tensor:
     """A deterministic image per seed (a stand-in sampler: the thing under test is the evaluation)."""
-    return torch.stack([torch.randint(0, 256, (3, size, size), dtype=torch.uint8,
-                                      generator=torch.Generator().manual_seed(s + offset)) for s in seeds])
+    return torch.stack(
+        [
+            torch.randint(
+                0, 256, (3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(s + offset)
+            )
+            for s in seeds
+        ]
+    )
 
 
 def make_clip_dir(folder: Path, with_weights: bool = False) -> str:
@@ -37,8 +43,9 @@ def make_clip_dir(folder: Path, with_weights: bool = False) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = open_clip.create_model(f"local-dir:{folder}")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  str(folder / "open_clip_model.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors")
+        )
     return f"local-dir:{folder}"
 
 
@@ -53,12 +60,26 @@ def test_every_metric_kind_with_references_and_pairs(tmp_path, inception):
         return seeded_images(seeds, 24)
 
     references = seeded_images([100, 101, 102], 24).float() / 255
-    cfg = {"metrics": ["fid", "kid", "clip_score", "clip_image_similarity", "edge_f1", "style_similarity"],
-           "batch_size": 2, "pairs": [["method", "baseline"], ["method", "method"]], "style_reference": "baseline",
-           "clip": {"model": make_clip_dir(tmp_path / "clip")}, "fid": {"kid_subsets": 2}, "progress": False}
+    cfg = {
+        "metrics": ["fid", "kid", "clip_score", "clip_image_similarity", "edge_f1", "style_similarity"],
+        "batch_size": 2,
+        "pairs": [["method", "baseline"], ["method", "method"]],
+        "style_reference": "baseline",
+        "clip": {"model": make_clip_dir(tmp_path / "clip")},
+        "fid": {"kid_subsets": 2},
+        "progress": False,
+    }
     with pytest.warns(UserWarning, match="RANDOM-INIT"):
-        result = evaluate_samplers({"method": method, "baseline": baseline}, ["a", "b", "c"], [0, 1, 2], references,
-                                   seeded_images([7, 8, 9], 24), cfg, device="cpu", log_images=2)
+        result = evaluate_samplers(
+            {"method": method, "baseline": baseline},
+            ["a", "b", "c"],
+            [0, 1, 2],
+            references,
+            seeded_images([7, 8, 9], 24),
+            cfg,
+            device="cpu",
+            log_images=2,
+        )
     assert [c[1] for c in calls] == [[0, 1], [2]]  # batched, seeds kept in order
     assert calls[0][2].dtype == torch.float32 and calls[0][2].shape == (2, 3, 24, 24)  # refs in [0, 1]
     metrics = result["metrics"]
@@ -71,22 +92,24 @@ def test_every_metric_kind_with_references_and_pairs(tmp_path, inception):
     for name in ("method", "baseline"):
         assert math.isfinite(metrics[f"{name}/fid"]) and math.isfinite(metrics[f"{name}/kid"])
         assert len(result["per_image"][name]["clip_score_untrained"]) == 3
-    assert result["untrained"] == ["clip_score_untrained", "clip_image_similarity_untrained",
-                                   "style_similarity_untrained"]
+    assert result["untrained"] == [
+        "clip_score_untrained",
+        "clip_image_similarity_untrained",
+        "style_similarity_untrained",
+    ]
     assert result["images"]["method"].shape == (2, 3, 24, 24) and result["references"].dtype == torch.uint8
     assert result["real_statistics"].count == 3
 
 
 def test_missing_inputs_are_user_errors():
-    sampler = lambda prompts, seeds, references: seeded_images(seeds)  # noqa: E731
+    sampler = lambda prompts, seeds, references: seeded_images(seeds)
     with pytest.raises(UserError, match="no references"):
         evaluate_samplers({"m": sampler}, ["a"], [0], None, None, {"metrics": ["edge_f1"]}, device="cpu")
     with pytest.raises(UserError, match="no real images"):
         evaluate_samplers({"m": sampler}, ["a", "b"], [0, 1], None, None, {"metrics": ["fid"]}, device="cpu")
     with pytest.raises(UserError, match="not one of the method's samplers"):
-        evaluate_samplers({"m": sampler}, ["a"], [0], None, None, {"metrics": [], "pairs": [["m", "x"]]},
-                          device="cpu")
-    bad = lambda prompts, seeds, references: seeded_images(seeds).float()  # noqa: E731
+        evaluate_samplers({"m": sampler}, ["a"], [0], None, None, {"metrics": [], "pairs": [["m", "x"]]}, device="cpu")
+    bad = lambda prompts, seeds, references: seeded_images(seeds).float()
     with pytest.raises(ValueError, match="uint8"):
         evaluate_samplers({"bad": bad}, ["a"], [0], None, None, {"metrics": []}, device="cpu")
 
@@ -100,8 +123,15 @@ def test_evaluation_set_from_config_files_with_references(tmp_path):
         Image.new("RGB", (40, 30), (index * 100, 50, 50)).save(refs / f"{index}.png")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# comment\nfirst\n\nsecond\n")
-    cfg = {"metrics": ["clip_image_similarity"], "num_images": 4, "images_per_reference": 2, "seed": 10,
-           "prompts_file": str(prompts), "references_dir": str(refs), "reference_resolution": 16}
+    cfg = {
+        "metrics": ["clip_image_similarity"],
+        "num_images": 4,
+        "images_per_reference": 2,
+        "seed": 10,
+        "prompts_file": str(prompts),
+        "references_dir": str(refs),
+        "reference_resolution": 16,
+    }
     from xa_lightning.metrics.config import EvaluationConfig
 
     built = build_evaluation_set(EvaluationConfig.coerce(cfg))
@@ -127,8 +157,13 @@ def _run(clip_model: str, out_file: str, world_size: int, rank: int) -> None:
     if world_size > 1:
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
-    cfg = {"metrics": ["fid", "clip_score", "edge_f1"], "batch_size": 2, "pairs": [["a", "b"]],
-           "clip": {"model": clip_model}, "progress": False}
+    cfg = {
+        "metrics": ["fid", "clip_score", "edge_f1"],
+        "batch_size": 2,
+        "pairs": [["a", "b"]],
+        "clip": {"model": clip_model},
+        "progress": False,
+    }
     samplers = {"a": lambda p, s, r: seeded_images(s), "b": lambda p, s, r: seeded_images(s, offset=1000)}
     prompts = [f"prompt {i}" for i in range(7)]
     references = seeded_images(list(range(50, 57))).float() / 255
@@ -136,11 +171,20 @@ def _run(clip_model: str, out_file: str, world_size: int, rank: int) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = evaluate_samplers(samplers, prompts, list(range(7)), references, seeded_images(list(range(20, 26))),
-                                   cfg, device="cpu", log_images=5)
+        result = evaluate_samplers(
+            samplers,
+            prompts,
+            list(range(7)),
+            references,
+            seeded_images(list(range(20, 26))),
+            cfg,
+            device="cpu",
+            log_images=5,
+        )
     if rank == 0:
-        torch.save({"metrics": result["metrics"], "per_image": result["per_image"], "images": result["images"]},
-                   out_file)
+        torch.save(
+            {"metrics": result["metrics"], "per_image": result["per_image"], "images": result["images"]}, out_file
+        )
     if world_size > 1:
         torch.distributed.destroy_process_group()
 

@@ -11,8 +11,14 @@ import torch
 
 from xa_lightning.errors import UserError
 from xa_lightning.metrics import fid as fid_module
-from xa_lightning.metrics.fid import (FeatureStatistics, FrechetInceptionDistance, KernelInceptionDistance,
-                                      ensure_inception_weights, frechet_distance, kernel_inception_distance)
+from xa_lightning.metrics.fid import (
+    FeatureStatistics,
+    FrechetInceptionDistance,
+    KernelInceptionDistance,
+    ensure_inception_weights,
+    frechet_distance,
+    kernel_inception_distance,
+)
 from xa_lightning.metrics.images import load_image_folder
 
 
@@ -63,8 +69,15 @@ def test_features_equal_cleanfids_folder_features(image_folders, folder_statisti
 
     real, _ = image_folders
     weights = ensure_inception_weights()
-    theirs = get_folder_features(str(real), _cleanfid_extractor(weights), num_workers=0, batch_size=4,
-                                 device=torch.device("cpu"), mode="clean", verbose=False)
+    theirs = get_folder_features(
+        str(real),
+        _cleanfid_extractor(weights),
+        num_workers=0,
+        batch_size=4,
+        device=torch.device("cpu"),
+        mode="clean",
+        verbose=False,
+    )
     ours = folder_statistics[0]
     torch.testing.assert_close(ours.features, torch.from_numpy(theirs), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(ours.mean.numpy(), theirs.mean(0), rtol=1e-5, atol=1e-6)
@@ -78,8 +91,9 @@ def test_frechet_distance_equals_cleanfids_formula(sizes, folder_statistics):
 
     generator = torch.Generator().manual_seed(0)
     base = folder_statistics[0].features[:, :32].double()  # real Inception feature values, 32 dims
-    a = base[torch.randint(0, base.shape[0], (sizes[0],), generator=generator)] + torch.rand(sizes[0], 32,
-                                                                                            generator=generator)
+    a = base[torch.randint(0, base.shape[0], (sizes[0],), generator=generator)] + torch.rand(
+        sizes[0], 32, generator=generator
+    )
     b = base[torch.randint(0, base.shape[0], (sizes[1],), generator=generator)] * 1.3 + 0.2
     a_np, b_np = a.numpy(), b.numpy()
     expected = cleanfid_frechet(a_np.mean(0), np.cov(a_np, rowvar=False), b_np.mean(0), np.cov(b_np, rowvar=False))
@@ -100,8 +114,16 @@ def test_fid_equals_cleanfid_compute_fid_on_folders(image_folders, folder_statis
 
     real, fake = image_folders
     ensure_inception_weights()  # links the weights where clean-fid looks (/tmp)
-    expected = compute_fid(str(real), str(fake), mode="clean", num_workers=0, batch_size=4,
-                           device=torch.device("cpu"), use_dataparallel=False, verbose=False)
+    expected = compute_fid(
+        str(real),
+        str(fake),
+        mode="clean",
+        num_workers=0,
+        batch_size=4,
+        device=torch.device("cpu"),
+        use_dataparallel=False,
+        verbose=False,
+    )
     ours = frechet_distance(*folder_statistics)
     assert ours == pytest.approx(expected, rel=1e-3)
 
@@ -165,8 +187,10 @@ def test_states_reduce_like_ddp_ranks():
     single.update_features(real, real=True)
     single.update_features(fake)
     for keep in (1024, 10):  # 10: rank-local buffers overflow, only the summed statistics remain
-        ranks = [FrechetInceptionDistance(feature_extractor=lambda x: x, feature_dim=16, low_rank_max_images=keep)
-                 for _ in range(2)]
+        ranks = [
+            FrechetInceptionDistance(feature_extractor=lambda x: x, feature_dim=16, low_rank_max_images=keep)
+            for _ in range(2)
+        ]
         for rank, metric in enumerate(ranks):
             metric.update_features(real[rank::2], real=True)
             metric.update_features(fake[rank::2])

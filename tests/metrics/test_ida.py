@@ -32,12 +32,15 @@ def dlib_metric() -> IdentityAlignment:
 def test_dlib_same_person_scores_far_above_different_people(dlib_metric):
     astronaut, hopper = photo("astronaut"), photo("grace_hopper")
     same = [
-        _score(dlib_metric, astronaut[:, ::-1], astronaut),           # flipped
-        _score(dlib_metric, astronaut[20:400, 60:440], astronaut),    # re-cropped
+        _score(dlib_metric, astronaut[:, ::-1], astronaut),  # flipped
+        _score(dlib_metric, astronaut[20:400, 60:440], astronaut),  # re-cropped
         _score(dlib_metric, hopper[:, ::-1], hopper),
         _score(dlib_metric, hopper[50:450, 30:480], hopper),
     ]
-    different = [_score(dlib_metric, hopper, astronaut), _score(dlib_metric, hopper[:, ::-1], astronaut[20:400, 60:440])]
+    different = [
+        _score(dlib_metric, hopper, astronaut),
+        _score(dlib_metric, hopper[:, ::-1], astronaut[20:400, 60:440]),
+    ]
     # dlib descriptors are not centred: different people still reach ~0.88 cosine (docs/evaluation.md).
     assert min(same) > 0.97
     assert max(different) < 0.93
@@ -55,7 +58,7 @@ def test_no_face_is_counted_not_a_crash(dlib_metric):
         metric.update(generated, references)
     rates = skip.extra_scalars()
     assert rates == {"face_detection_rate": 0.5, "reference_face_rate": 1.0}
-    assert float(skip.compute()) > 0.97                                      # over the one pair with faces
+    assert float(skip.compute()) > 0.97  # over the one pair with faces
     assert float(zero.compute()) == pytest.approx(float(skip.compute()) / 2)  # the missing face scores 0
     nothing = IdentityAlignment(dlib_metric.embedder)
     nothing.update(_tensor(coffee), _tensor(coffee))
@@ -102,11 +105,23 @@ def insightface_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("faces") / "tiny_antelope"
     folder.mkdir()
     names = [f"score_{s}" for s in (8, 16, 32)] + [f"bbox_{s}" for s in (8, 16, 32)] + [f"kps_{s}" for s in (8, 16, 32)]
-    torch.onnx.export(_BrightnessDetector(), (torch.zeros(1, 3, 128, 128),), str(folder / "det_tiny.onnx"),
-                      input_names=["input.1"], output_names=names, dynamo=False)
-    torch.onnx.export(_TinyRecognizer().eval(), (torch.zeros(1, 3, 112, 112),), str(folder / "w600k_tiny.onnx"),
-                      input_names=["input.1"], output_names=["embedding"], dynamic_axes={"input.1": {0: "batch"}, "embedding": {0: "batch"}},
-                      dynamo=False)
+    torch.onnx.export(
+        _BrightnessDetector(),
+        (torch.zeros(1, 3, 128, 128),),
+        str(folder / "det_tiny.onnx"),
+        input_names=["input.1"],
+        output_names=names,
+        dynamo=False,
+    )
+    torch.onnx.export(
+        _TinyRecognizer().eval(),
+        (torch.zeros(1, 3, 112, 112),),
+        str(folder / "w600k_tiny.onnx"),
+        input_names=["input.1"],
+        output_names=["embedding"],
+        dynamic_axes={"input.1": {0: "batch"}, "embedding": {0: "batch"}},
+        dynamo=False,
+    )
     return folder
 
 
@@ -116,7 +131,7 @@ def test_insightface_backend_runs_the_faceanalysis_path(insightface_dir):
     bright = rng.integers(140, 256, (160, 160, 3), dtype=np.uint8)
     other = rng.integers(140, 256, (160, 160, 3), dtype=np.uint8)
     dark = np.zeros((160, 160, 3), dtype=np.uint8)
-    assert _score(metric, bright, bright) == pytest.approx(1.0, abs=1e-6)    # same face crop, same embedding
+    assert _score(metric, bright, bright) == pytest.approx(1.0, abs=1e-6)  # same face crop, same embedding
     assert _score(metric, other, bright) < 0.999
     scores, found_generated, found_reference = metric.score(_tensor(dark), _tensor(bright))
     assert math.isnan(float(scores[0])) and not bool(found_generated[0]) and bool(found_reference[0])

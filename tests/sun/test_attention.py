@@ -89,8 +89,9 @@ def test_attention_normalization_formula_and_per_sample_norms():
     expected = alpha * (reference[1, 2].norm() / branch[1, 2].norm()) * branch[1, 2] + beta
     torch.testing.assert_close(per_token[1, 2], expected)
     # an all-zero branch maps to beta instead of NaN
-    torch.testing.assert_close(attention_normalization(torch.zeros(1, 2, 4), reference[:1, :2], alpha, beta),
-                               beta.expand(1, 2, 4))
+    torch.testing.assert_close(
+        attention_normalization(torch.zeros(1, 2, 4), reference[:1, :2], alpha, beta), beta.expand(1, 2, 4)
+    )
 
 
 @pytest.mark.parametrize("scope", ["sample", "token"])
@@ -118,8 +119,10 @@ def test_negative_prompt_reaches_every_layer_in_one_pass(backbone, unet):
     adapter = random_adapter(unet)
     adapter.install(unet)
     seen = []
-    hooks = [layer.to_k_neg.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
-             for layer in adapter.layers]
+    hooks = [
+        layer.to_k_neg.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+        for layer in adapter.layers
+    ]
     calls = []
     hooks.append(unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0])))
     a = _run(unet, latents, concat_negative(positive, negative))
@@ -141,10 +144,16 @@ def test_states_without_negative_tokens_are_refused(backbone, unet):
 def test_adapter_for_another_architecture_is_refused(backbone, unet):
     from diffusers import UNet2DConditionModel
 
-    small = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=8,
-                                 norm_num_groups=8, attention_head_dim=2)
+    small = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=8,
+        norm_num_groups=8,
+        attention_head_dim=2,
+    )
     adapter = SUNAdapter.from_unet(small)
     with pytest.raises(UserError, match="cross-attention layers"):
         adapter.install(unet)

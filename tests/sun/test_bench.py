@@ -11,8 +11,12 @@ from xa_lightning.methods.sun import bench
 def test_bench_reports_unet_evaluations_and_ratio(capsys):
     assert BENCHMARKS["sun"] == "xa_lightning.methods.sun.bench:main"
     # few steps keep the test short; the counting and the JSON are what is checked, not the speed
-    assert bench.main(["--runs", "tiny@cpu", "--repeats", "1", "--warmup", "0", "--teacher-steps", "5",
-                       "--student-steps", "2"]) == 0
+    assert (
+        bench.main(
+            ["--runs", "tiny@cpu", "--repeats", "1", "--warmup", "0", "--teacher-steps", "5", "--student-steps", "2"]
+        )
+        == 0
+    )
     last = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(last)
     assert result["benchmark"] == "sun" and result["device"].startswith("cpu")

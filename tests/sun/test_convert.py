@@ -85,8 +85,9 @@ def test_wrong_files_are_user_errors(tmp_path, unet):
         load_official_adapter(tmp_path / "broken.safetensors", unet)
     official = official_state_dict(unet, add_pos=False)
     with pytest.raises(UserError, match="not a cross-attention layer"):
-        load_official_adapter({k.replace("1.", "0.", 1) if k.startswith("1.") else k: v
-                               for k, v in official.items()}, unet)
+        load_official_adapter(
+            {k.replace("1.", "0.", 1) if k.startswith("1.") else k: v for k, v in official.items()}, unet
+        )
     with pytest.raises(UserError, match="not SpeedUpNet"):
         load_official_adapter({**official, "lora.weight": torch.zeros(1)}, unet)
     with pytest.raises(UserError, match="lacks"):

@@ -54,8 +54,12 @@ def test_every_sun_experiment_composes_and_builds_on_the_tiny_backbone(tmp_path)
 
             official = official_state_dict(build_backbone("sd15", "tiny").denoiser, add_pos=True)
             save_file(official, str(tmp_path / "sun_adapter.safetensors"))
-            cfg = _compose(experiment, tmp_path, "backbone=sd15_tiny",
-                           f"method.adapter.init_weights={tmp_path / 'sun_adapter.safetensors'}")
+            cfg = _compose(
+                experiment,
+                tmp_path,
+                "backbone=sd15_tiny",
+                f"method.adapter.init_weights={tmp_path / 'sun_adapter.safetensors'}",
+            )
             module = instantiate(cfg.method)
             assert module.adapter.config.use_positive_branch
             assert torch.equal(module.adapter.layers[1].to_v_neg.weight, official["3.to_v_neg.weight"])
@@ -71,8 +75,13 @@ def test_every_sun_experiment_composes_and_builds_on_the_tiny_backbone(tmp_path)
 def _batches(n: int, batch_size: int = 2):
     generator = torch.Generator().manual_seed(0)
     captions = ["a red bicycle", "a snowy mountain", "a bowl of soup", "an old clock"]
-    return [{"pixels": torch.rand(batch_size, 3, 64, 64, generator=generator) * 2 - 1,
-             "caption": captions[(2 * i) % 4:(2 * i) % 4 + batch_size]} for i in range(n)]
+    return [
+        {
+            "pixels": torch.rand(batch_size, 3, 64, 64, generator=generator) * 2 - 1,
+            "caption": captions[(2 * i) % 4 : (2 * i) % 4 + batch_size],
+        }
+        for i in range(n)
+    ]
 
 
 def test_fit_checkpoint_export_and_reload(tmp_path):
@@ -81,8 +90,15 @@ def test_fit_checkpoint_export_and_reload(tmp_path):
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     before = {k: v.clone() for k, v in module.adapter.state_dict().items()}
     frozen_before = {k: v.clone() for k, v in module.backbone.denoiser.state_dict().items()}
-    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path))
+    trainer = L.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_batches(2), batch_size=None))
     after = module.adapter.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the adapter trained ...
@@ -133,12 +149,15 @@ def test_evaluation_samplers(tmp_path):
         module.evaluation_samplers()["sun_broken"](prompts, seeds, None)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"backbone": {"family": "sdxl", "flavour": "tiny"}}, "backbone.family"),
-    ({"adapter": {"init_weights": "/nonexistent/sun.safetensors"}}, "init_weights"),
-    ({"adapter": {"norm_scop": "sample"}}, "method.adapter.norm_scop"),
-    ({"teacher": {"negative_prompts": "/nonexistent/negatives.txt"}}, "negative_prompts"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"backbone": {"family": "sdxl", "flavour": "tiny"}}, "backbone.family"),
+        ({"adapter": {"init_weights": "/nonexistent/sun.safetensors"}}, "init_weights"),
+        ({"adapter": {"norm_scop": "sample"}}, "method.adapter.norm_scop"),
+        ({"teacher": {"negative_prompts": "/nonexistent/negatives.txt"}}, "negative_prompts"),
+    ],
+)
 def test_bad_settings_fail_before_loading_the_backbone(kwargs, match, monkeypatch):
     import xa_lightning.backbones
 
@@ -146,7 +165,10 @@ def test_bad_settings_fail_before_loading_the_backbone(kwargs, match, monkeypatc
         raise AssertionError("the backbone was built before the settings were checked")
 
     monkeypatch.setattr(xa_lightning.backbones, "backbone_from_config", no_backbone)
-    kwargs = {"backbone": {"family": "sd15", "flavour": "tiny"},
-              "teacher": {"negative_prompts": str(REPO / "evaluation" / "negative_prompts.txt")}, **kwargs}
+    kwargs = {
+        "backbone": {"family": "sd15", "flavour": "tiny"},
+        "teacher": {"negative_prompts": str(REPO / "evaluation" / "negative_prompts.txt")},
+        **kwargs,
+    }
     with pytest.raises(UserError, match=match):
         SUNModule(**kwargs)

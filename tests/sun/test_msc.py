@@ -17,17 +17,19 @@ def _setup(backbone, unet, objective="msc", **config):
     adapter.install(unet)
     teacher = CFGTeacher(unet, backbone.scheduler_config, adapter, num_steps=25, guidance_scale=5.0)
     config.setdefault("teacher_substeps", 1)
-    distillation = SUNDistillation(DistillationConfig(objective=objective, **config), teacher,
-                                   backbone.scheduler_config)
-    student = lambda x, t, states: unet(x, t, encoder_hidden_states=states).sample  # noqa: E731
+    distillation = SUNDistillation(
+        DistillationConfig(objective=objective, **config), teacher, backbone.scheduler_config
+    )
+    student = lambda x, t, states: unet(x, t, encoder_hidden_states=states).sample
     return adapter, teacher, distillation, student
 
 
 def _batch(backbone):
     with torch.no_grad():
         latents = backbone.encode_images(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1)
-    positive, negative = text_states(backbone, ["a red house by a lake", "a bowl of fruit"],
-                                     ["blurry, watermark", "low quality, deformed"])
+    positive, negative = text_states(
+        backbone, ["a red house by a lake", "a bowl of fruit"], ["blurry, watermark", "low quality, deformed"]
+    )
     return latents, positive, negative, torch.tensor([4.0, 7.5])
 
 
@@ -116,8 +118,10 @@ def test_eps_space_weight_is_the_solver_noise_coefficient(backbone):
     assert abs(abs(measured) - abs(expected)) < 1e-4 * max(1.0, abs(expected))
 
 
-@pytest.mark.parametrize("bad", [{"objective": "dmd"}, {"space": "v"}, {"student_steps": 0},
-                                 {"step_weights": [1, 2]}, {"teacher_substeps": 0}])
+@pytest.mark.parametrize(
+    "bad",
+    [{"objective": "dmd"}, {"space": "v"}, {"student_steps": 0}, {"step_weights": [1, 2]}, {"teacher_substeps": 0}],
+)
 def test_bad_options_are_user_errors(bad):
     with pytest.raises(UserError, match="method.distillation"):
         DistillationConfig(**bad)

@@ -25,9 +25,16 @@ PROMPTS = ["a watercolor fox in the snow", "a bowl of ramen"]
 
 
 def _components(backbone, unet):
-    return dict(vae=backbone.vae, text_encoder=backbone.text_encoders[0], tokenizer=backbone.tokenizers[0],
-                unet=unet, scheduler=backbone.inference_scheduler(), safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False)
+    return dict(
+        vae=backbone.vae,
+        text_encoder=backbone.text_encoders[0],
+        tokenizer=backbone.tokenizers[0],
+        unet=unet,
+        scheduler=backbone.inference_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def _generators(n=2):
@@ -93,8 +100,9 @@ def test_plugs_into_a_differently_trained_unet(backbone, unet, other_unet):
     base = _run(SUNPipeline(StableDiffusionPipeline(**_components(backbone, unet)), adapter))
     fine_tune = copy.deepcopy(other_unet)
     plain_pipe = StableDiffusionPipeline(**_components(backbone, fine_tune))
-    plain_pipe.scheduler = DPMSolverMultistepScheduler.from_config(plain_pipe.scheduler.config,
-                                                                   timestep_spacing="trailing")
+    plain_pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+        plain_pipe.scheduler.config, timestep_spacing="trailing"
+    )
     plain = _run(plain_pipe, num_inference_steps=4, guidance_scale=1.0)
     with UNetCalls(fine_tune) as calls:
         plugged = _run(SUNPipeline(StableDiffusionPipeline(**_components(backbone, fine_tune)), adapter))
@@ -126,8 +134,9 @@ def test_controlnet_sees_only_the_prompt(backbone, unet):
             if not param.any():
                 param.normal_(std=0.05)
     plain = copy.deepcopy(controlnet)
-    pipe = SUNPipeline(StableDiffusionControlNetPipeline(**_components(backbone, unet), controlnet=controlnet),
-                       random_adapter(unet))
+    pipe = SUNPipeline(
+        StableDiffusionControlNetPipeline(**_components(backbone, unet), controlnet=controlnet), random_adapter(unet)
+    )
     with UNetCalls(unet) as calls:
         out = _run(pipe, image=torch.rand(2, 3, 64, 64), negative_prompt="blurry")
     assert out.shape == (2, 3, 64, 64) and calls.batches == [2] * 4
@@ -137,16 +146,21 @@ def test_controlnet_sees_only_the_prompt(backbone, unet):
     positive, negative = text_states(backbone, PROMPTS, ["blurry"] * 2)
     x, cond = torch.randn(2, 4, 8, 8), torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        shielded = controlnet(x, 500, encoder_hidden_states=concat_negative(positive, negative),
-                              controlnet_cond=cond, return_dict=False)
+        shielded = controlnet(
+            x, 500, encoder_hidden_states=concat_negative(positive, negative), controlnet_cond=cond, return_dict=False
+        )
         expected = plain(x, 500, encoder_hidden_states=positive, controlnet_cond=cond, return_dict=False)
-        unshielded = plain(x, 500, encoder_hidden_states=concat_negative(positive, negative),
-                           controlnet_cond=cond, return_dict=False)
+        unshielded = plain(
+            x, 500, encoder_hidden_states=concat_negative(positive, negative), controlnet_cond=cond, return_dict=False
+        )
     torch.testing.assert_close(shielded[1], expected[1])
     assert (unshielded[1] - expected[1]).abs().max() > 1e-5
     shield_from_negative_tokens(controlnet, 77)  # idempotent
-    assert all(not hasattr(p.original, "num_negative_tokens") for k, p in controlnet.attn_processors.items()
-               if k.endswith("attn2.processor"))
+    assert all(
+        not hasattr(p.original, "num_negative_tokens")
+        for k, p in controlnet.attn_processors.items()
+        if k.endswith("attn2.processor")
+    )
 
 
 def test_lora_on_the_unet_keeps_working(backbone, other_unet):
@@ -156,8 +170,9 @@ def test_lora_on_the_unet_keeps_working(backbone, other_unet):
     adapter = random_adapter(fine_tune)
     pipe = SUNPipeline(StableDiffusionPipeline(**_components(backbone, fine_tune)), adapter)
     without = _run(pipe)
-    fine_tune.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    fine_tune.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
     with_lora = _run(pipe)
     assert torch.isfinite(with_lora).all() and (with_lora - without).abs().max() > 1e-4
 

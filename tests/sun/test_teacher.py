@@ -39,12 +39,18 @@ def test_teacher_runs_cfg_with_the_sampled_negative_prompt(tmp_path, monkeypatch
     negatives = ["zzz grainy photo", "qqq extra fingers", "www watermark text"]
     prompt_file = tmp_path / "negatives.txt"
     prompt_file.write_text("# my list\n" + "\n".join(negatives) + "\n\n")
-    module = SUNModule(backbone={"family": "sd15", "flavour": "tiny"},
-                       teacher={"negative_prompts": str(prompt_file), "empty_negative_probability": 0.0,
-                                "guidance_scale_range": [2.0, 9.0]},
-                       distillation={"teacher_substeps": 1})
+    module = SUNModule(
+        backbone={"family": "sd15", "flavour": "tiny"},
+        teacher={
+            "negative_prompts": str(prompt_file),
+            "empty_negative_probability": 0.0,
+            "guidance_scale_range": [2.0, 9.0],
+        },
+        distillation={"teacher_substeps": 1},
+    )
     drawn: list[list[str]] = []
     sample = module.negative_prompts.sample
+
     def recording_sample(count, generator=None):
         drawn.append(sample(count, generator))
         return drawn[-1]
@@ -105,9 +111,11 @@ def test_bad_guidance_range_is_a_user_error(backbone):
 
 def test_half_precision_backbone_with_fp32_adapter(tmp_path):
     """The frozen model in bf16 (as on GPUs), the adapter trained in fp32: teacher, student and loss agree on dtypes."""
-    module = SUNModule(backbone={"family": "sd15", "flavour": "tiny", "dtype": "bf16"},
-                       teacher={"negative_prompts": str(REPO / "evaluation" / "negative_prompts.txt")},
-                       distillation={"teacher_substeps": 1})
+    module = SUNModule(
+        backbone={"family": "sd15", "flavour": "tiny", "dtype": "bf16"},
+        teacher={"negative_prompts": str(REPO / "evaluation" / "negative_prompts.txt")},
+        distillation={"teacher_substeps": 1},
+    )
     assert module.backbone.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in module.adapter.parameters())
     loss, _ = module.compute_loss({"pixels": torch.rand(2, 3, 64, 64) * 2 - 1, "caption": ["a cat", "a dog"]})

@@ -32,10 +32,15 @@ def upgraded_backbone():
 
 def _with_private_denoiser(backbone):
     """The same backbone with its own copy of the denoiser (what UNet LoRAs modify); the rest is shared."""
-    return type(backbone)(denoiser=copy.deepcopy(backbone.denoiser), vae=backbone.vae,
-                          text_encoders=list(backbone.text_encoders), tokenizers=backbone.tokenizers,
-                          scheduler_config=backbone.scheduler_config, flavour=backbone.flavour,
-                          source=backbone.source)
+    return type(backbone)(
+        denoiser=copy.deepcopy(backbone.denoiser),
+        vae=backbone.vae,
+        text_encoders=list(backbone.text_encoders),
+        tokenizers=backbone.tokenizers,
+        scheduler_config=backbone.scheduler_config,
+        flavour=backbone.flavour,
+        source=backbone.source,
+    )
 
 
 @pytest.fixture()

@@ -14,8 +14,9 @@ def latent_size(backbone) -> tuple[int, int]:
 
 def make_mapper(base, upgraded, seed: int | None = None, std: float = 0.05, **kwargs) -> XAdapterMapper:
     """A mapper for the two backbones; with ``seed``, its zero convs are drawn at random (a 'trained' one)."""
-    mapper = XAdapterMapper.from_unets(base.denoiser, upgraded.denoiser, latent_size(base), latent_size(upgraded),
-                                       **kwargs)
+    mapper = XAdapterMapper.from_unets(
+        base.denoiser, upgraded.denoiser, latent_size(base), latent_size(upgraded), **kwargs
+    )
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():

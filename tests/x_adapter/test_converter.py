@@ -44,8 +44,14 @@ def official_forward(state: dict[str, torch.Tensor], features: list[torch.Tensor
         for j in range(BLOCKS):
             key = f"body.{stage * BLOCKS + j}"
             if f"{key}.up_opt.op.weight" in state:  # output size = 2x, as the official output_size gives
-                x = F.conv_transpose2d(x, state[f"{key}.up_opt.op.weight"], state[f"{key}.up_opt.op.bias"],
-                                       stride=2, padding=1, output_padding=1)
+                x = F.conv_transpose2d(
+                    x,
+                    state[f"{key}.up_opt.op.weight"],
+                    state[f"{key}.up_opt.op.bias"],
+                    stride=2,
+                    padding=1,
+                    output_padding=1,
+                )
             if f"{key}.in_conv.weight" in state:
                 x = F.conv2d(x, state[f"{key}.in_conv.weight"], state[f"{key}.in_conv.bias"], padding=1)
             h = F.relu(F.conv2d(x, state[f"{key}.block1.weight"], state[f"{key}.block1.bias"], padding=1))
@@ -57,8 +63,11 @@ def official_forward(state: dict[str, torch.Tensor], features: list[torch.Tensor
 def features(batch: int = 2) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
     g = torch.Generator().manual_seed(7)
     # official sizes at 512 -> 1024: 1280@32, 640@64, 320@64 -> targets 32, 64, 128 (here / 8)
-    inputs = [torch.randn(batch, IN[0], 4, 4, generator=g), torch.randn(batch, IN[1], 8, 8, generator=g),
-              torch.randn(batch, IN[2], 8, 8, generator=g)]
+    inputs = [
+        torch.randn(batch, IN[0], 4, 4, generator=g),
+        torch.randn(batch, IN[1], 8, 8, generator=g),
+        torch.randn(batch, IN[2], 8, 8, generator=g),
+    ]
     return inputs, [(4, 4), (8, 8), (16, 16)]
 
 

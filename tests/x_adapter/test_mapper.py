@@ -6,11 +6,10 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from tests.x_adapter.helpers import latent_size, make_mapper
 from xa_lightning.errors import UserError
 from xa_lightning.methods.x_adapter.injection import ResidualInjector, capture_block_outputs
 from xa_lightning.methods.x_adapter.mapper import XAdapterMapper, derive_mapping, unet_block_shapes
-
-from tests.x_adapter.helpers import latent_size, make_mapper
 
 
 def _inputs(backbone, batch: int = 2, seed: int = 0, size: tuple[int, int] | None = None):
@@ -74,7 +73,7 @@ def test_gradients_reach_every_stage_and_nothing_else(base_backbone, upgraded_ba
         prediction = upgraded_backbone.predict(latents, t, cond, added)
     prediction.square().mean().backward()
     for index in range(mapper.num_stages):
-        outputs = (["zero_out"] if fusion_type == "add" else ["gamma", "beta"])
+        outputs = ["zero_out"] if fusion_type == "add" else ["gamma", "beta"]
         for name in outputs:
             grad = getattr(mapper.stages[index], name).weight.grad
             assert grad is not None and grad.abs().sum() > 0, (index, name)
@@ -86,10 +85,16 @@ def test_other_model_pair_and_non_square_sizes_work_without_code_changes(upgrade
     """An SD2.1-shaped base (v-prediction era, linear projections, 1024-d text) at 768 px -> SDXL at 1024 px:
     latent 12 vs 16 (x4/3, not a power of two), and a non-square request at inference."""
     torch.manual_seed(0)
-    sd21 = UNet2DConditionModel(block_out_channels=(32, 64, 64), layers_per_block=1, sample_size=12,
-                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=48, attention_head_dim=(2, 4, 4), use_linear_projection=True)
+    sd21 = UNet2DConditionModel(
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        sample_size=12,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=48,
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+    )
     pairs = derive_mapping(sd21, upgraded_backbone.denoiser, (12, 12), latent_size(upgraded_backbone))
     assert [p.base.name for p in pairs] == ["up_blocks.0", "up_blocks.1", "up_blocks.2"]
     assert "interpolate" in {p.resample for p in pairs}
@@ -143,7 +148,7 @@ def test_save_and_load_roundtrip(tmp_path, base_backbone, upgraded_backbone):
     mapper = make_mapper(base_backbone, upgraded_backbone, seed=1)
     mapper.save_pretrained(tmp_path / "mapper")
     loaded = XAdapterMapper.from_pretrained(tmp_path / "mapper")
-    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}
     assert public(loaded.config) == public(mapper.config)
     for a, b in zip(mapper.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)

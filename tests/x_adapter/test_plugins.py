@@ -10,8 +10,13 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from xa_lightning.errors import UserError
-from xa_lightning.methods.x_adapter.plugins import (canny_control_image, detect_lora_format, load_lora, read_lora,
-                                                    set_lora_scales)
+from xa_lightning.methods.x_adapter.plugins import (
+    canny_control_image,
+    detect_lora_format,
+    load_lora,
+    read_lora,
+    set_lora_scales,
+)
 
 TARGETS = ["attn2.to_k", "attn2.to_v"]  # few layers: LoRA injection is the slow part
 
@@ -48,8 +53,9 @@ def test_every_lora_layout_reproduces_the_peft_model(tmp_path, fresh_base, donor
         from safetensors.torch import save_file
 
         (tmp_path / "lora").mkdir()
-        save_file({f"base_model.model.{k}": v for k, v in peft_state.items()},
-                  tmp_path / "lora" / "adapter_model.safetensors")
+        save_file(
+            {f"base_model.model.{k}": v for k, v in peft_state.items()}, tmp_path / "lora" / "adapter_model.safetensors"
+        )
         (tmp_path / "lora" / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8}')
         source, expected_format = tmp_path / "lora", "peft"
     elif layout == "peft_dict":  # no config: alpha folded by hand for this case
@@ -75,8 +81,10 @@ def test_lora_errors_name_the_file(tmp_path, fresh_base):
         read_lora(tmp_path / "nope.safetensors")
     with pytest.raises(UserError, match="layout"):
         detect_lora_format({"some.weight": torch.zeros(1)})
-    bad = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 7),
-           "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(32, 4)}
+    bad = {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 7),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(32, 4),
+    }
     with pytest.raises(UserError, match="does not fit"):
         load_lora(fresh_base.pipeline(), bad, "bad")
 

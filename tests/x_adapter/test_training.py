@@ -22,20 +22,30 @@ def image_batch(base_res: int = 64, upgraded_res: int = 128) -> dict:
     photos = [torch.from_numpy(data.astronaut()), torch.from_numpy(data.coffee())]
     pixels = {}
     for res in (base_res, upgraded_res):
-        views = [F.interpolate(p.permute(2, 0, 1)[None].float(), size=(res, res), mode="bilinear",
-                               antialias=True, align_corners=False)[0] for p in photos]
+        views = [
+            F.interpolate(
+                p.permute(2, 0, 1)[None].float(), size=(res, res), mode="bilinear", antialias=True, align_corners=False
+            )[0]
+            for p in photos
+        ]
         pixels[res] = torch.stack(views) / 127.5 - 1
-    return {"pixels": pixels[base_res], f"pixels_{upgraded_res}": pixels[upgraded_res],
-            "caption": ["an astronaut in a white suit", "a cup of coffee on a table"],
-            "original_size": torch.tensor([[512, 512], [400, 600]]),
-            "crop_top_left": torch.zeros(2, 2, dtype=torch.long), "target_size": torch.full((2, 2), base_res),
-            f"crop_top_left_{upgraded_res}": torch.zeros(2, 2, dtype=torch.long),
-            f"target_size_{upgraded_res}": torch.full((2, 2), upgraded_res), "key": ["a", "b"]}
+    return {
+        "pixels": pixels[base_res],
+        f"pixels_{upgraded_res}": pixels[upgraded_res],
+        "caption": ["an astronaut in a white suit", "a cup of coffee on a table"],
+        "original_size": torch.tensor([[512, 512], [400, 600]]),
+        "crop_top_left": torch.zeros(2, 2, dtype=torch.long),
+        "target_size": torch.full((2, 2), base_res),
+        f"crop_top_left_{upgraded_res}": torch.zeros(2, 2, dtype=torch.long),
+        f"target_size_{upgraded_res}": torch.full((2, 2), upgraded_res),
+        "key": ["a", "b"],
+    }
 
 
 def make_module(base, upgraded, lr: float = 1e-3, **kwargs) -> XAdapterModule:
-    return XAdapterModule(base_backbone=base, upgraded_backbone=upgraded,
-                          optimizer=functools.partial(torch.optim.AdamW, lr=lr), **kwargs)
+    return XAdapterModule(
+        base_backbone=base, upgraded_backbone=upgraded, optimizer=functools.partial(torch.optim.AdamW, lr=lr), **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +72,9 @@ def test_zero_initialised_mapper_gives_exactly_the_upgraded_models_loss(base_bac
         noise = torch.randn_like(up_latents)
         noisy = upgraded_backbone.noise_scheduler.add_noise(up_latents, noise, t)
         cond = upgraded_backbone.encode_text(["", ""])
-        added = upgraded_backbone.added_cond_kwargs(cond, batch["original_size"], batch["crop_top_left_128"],
-                                                    batch["target_size_128"])
+        added = upgraded_backbone.added_cond_kwargs(
+            cond, batch["original_size"], batch["crop_top_left_128"], batch["target_size_128"]
+        )
         alone = F.mse_loss(upgraded_backbone.predict(noisy, t, cond, added), noise)
     assert torch.equal(with_mapper, alone)
 
@@ -104,21 +115,32 @@ def test_upgraded_text_encoders_see_the_empty_prompt(base_backbone, upgraded_bac
     assert len(upgraded_seen) == 2 and len(base_seen) == 1
     for tokenizer, ids in zip(upgraded_backbone.tokenizers, upgraded_seen):
         prompts = ["", ""] if null_text else batch["caption"]
-        expected = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        expected = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         assert torch.equal(ids, expected)
     tokenizer = base_backbone.tokenizers[0]
-    assert torch.equal(base_seen[0], tokenizer(batch["caption"], padding="max_length", truncation=True,
-                                               max_length=tokenizer.model_max_length, return_tensors="pt").input_ids)
+    assert torch.equal(
+        base_seen[0],
+        tokenizer(
+            batch["caption"],
+            padding="max_length",
+            truncation=True,
+            max_length=tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids,
+    )
 
 
 def cached_batch(base, upgraded, batch: dict) -> dict:
     """The batch as the data cache yields it: both models' latents and the base caption embeddings."""
     with torch.no_grad():
-        return {"latents": base.encode_images(batch["pixels"]),
-                "latents_128": upgraded.encode_images(batch["pixels_128"]),
-                "prompt_embeds": base.encode_text(batch["caption"]).prompt_embeds,
-                **{k: v for k, v in batch.items() if not k.startswith("pixels")}}
+        return {
+            "latents": base.encode_images(batch["pixels"]),
+            "latents_128": upgraded.encode_images(batch["pixels_128"]),
+            "prompt_embeds": base.encode_text(batch["caption"]).prompt_embeds,
+            **{k: v for k, v in batch.items() if not k.startswith("pixels")},
+        }
 
 
 def test_loss_falls_on_a_fixed_batch(base_backbone, upgraded_backbone, batch):
@@ -166,8 +188,9 @@ def test_v_prediction_upgraded_model_regresses_the_velocity(base_backbone, upgra
             noise = torch.randn_like(latents)
             noisy = upgraded_backbone.noise_scheduler.add_noise(latents, noise, t)
             cond = upgraded_backbone.encode_text(["", ""])
-            added = upgraded_backbone.added_cond_kwargs(cond, batch["original_size"], batch["crop_top_left_128"],
-                                                        batch["target_size_128"])
+            added = upgraded_backbone.added_cond_kwargs(
+                cond, batch["original_size"], batch["crop_top_left_128"], batch["target_size_128"]
+            )
             prediction = upgraded_backbone.predict(noisy, t, cond, added)
             velocity = upgraded_backbone.noise_scheduler.get_velocity(latents, noise, t)
     finally:
@@ -215,9 +238,16 @@ class _Repeat(torch.utils.data.Dataset):
 
 def test_checkpoint_and_export_hold_only_the_mapper(tmp_path, base_backbone, upgraded_backbone, batch):
     module = make_module(base_backbone, upgraded_backbone)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0,
-                        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+    )
     trainer.fit(module, DataLoader(_Repeat(batch), batch_size=2))
     checkpoint = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
     mapper_keys = {f"adapter.{k}" for k in module.adapter.state_dict()}
@@ -236,9 +266,12 @@ def test_checkpoint_and_export_hold_only_the_mapper(tmp_path, base_backbone, upg
 
 
 def test_evaluation_samplers_and_plugin_free_training(fresh_base, upgraded_backbone, batch):
-    module = make_module(fresh_base, upgraded_backbone, sampling={"steps": 2, "guidance_scale": 2.0,
-                                                                  "adapter_guidance_start": 0.5},
-                         plugin={"kind": "lora", "scale": 1.0})
+    module = make_module(
+        fresh_base,
+        upgraded_backbone,
+        sampling={"steps": 2, "guidance_scale": 2.0, "adapter_guidance_start": 0.5},
+        plugin={"kind": "lora", "scale": 1.0},
+    )
     with torch.no_grad():  # a non-zero mapper, so base features (and a base LoRA) reach the loss
         for stage in module.adapter.stages:
             stage.zero_out.weight.fill_(0.01)
@@ -259,9 +292,12 @@ def test_evaluation_samplers_and_plugin_free_training(fresh_base, upgraded_backb
 
 
 def test_controlnet_tile_plugin_takes_the_evaluation_references(base_backbone, upgraded_backbone, batch):
-    module = make_module(base_backbone, upgraded_backbone, sampling={"steps": 2, "guidance_scale": 1.0,
-                                                                     "adapter_guidance_start": 0.5},
-                         plugin={"kind": "controlnet", "condition": "canny", "img2img_strength": 0.5, "scale": 1.0})
+    module = make_module(
+        base_backbone,
+        upgraded_backbone,
+        sampling={"steps": 2, "guidance_scale": 1.0, "adapter_guidance_start": 0.5},
+        plugin={"kind": "controlnet", "condition": "canny", "img2img_strength": 0.5, "scale": 1.0},
+    )
     references = (batch["pixels"] + 1) / 2  # photos in [0, 1]: canny maps for the ControlNet, init images
     x_adapter = module.sample_x_adapter(["an astronaut"], [0], references[:1])
     base = module.sample_base(["an astronaut"], [0], references[:1])

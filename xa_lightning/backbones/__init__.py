@@ -6,7 +6,6 @@ See docs/contracts.md ("Backbones") and this folder's README.md.
 from .backbone import (
     FAMILIES,
     Backbone,
-    CrossAttentionLayer,
     PixArtAlphaBackbone,
     SD15Backbone,
     SDXLBackbone,
@@ -14,13 +13,15 @@ from .backbone import (
 )
 from .config import FLAVOURS, BackboneConfig
 from .factory import backbone_from_config, build_backbone
+from .surgery import AttentionLayer, Surgery
 
 __all__ = [
     "FAMILIES",
     "FLAVOURS",
     "Backbone",
     "BackboneConfig",
-    "CrossAttentionLayer",
+    "AttentionLayer",
+    "Surgery",
     "PixArtAlphaBackbone",
     "SD15Backbone",
     "SDXLBackbone",

@@ -6,8 +6,8 @@ import inspect
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,9 +15,10 @@ from typing import Any, ClassVar
 import diffusers
 import torch
 from diffusers import DDPMScheduler
-from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
+from xa_lightning.backbones import surgery
+from xa_lightning.backbones.surgery import AttentionLayer
 from xa_lightning.errors import UserError
 
 SizeLike = Tensor | Sequence[int] | None
@@ -86,31 +87,6 @@ class TextConditioning:
         )
 
 
-@dataclass
-class CrossAttentionLayer:
-    """One cross-attention layer of a denoiser.
-
-    ``name`` is the module path inside ``Backbone.denoiser`` (e.g.
-    ``down_blocks.0.attentions.0.transformer_blocks.0.attn2``); ``module`` the diffusers ``Attention``;
-    ``query_dim`` the image-token width, ``cross_attention_dim`` the text-context width, ``heads`` its heads.
-    """
-
-    name: str
-    module: Attention
-    query_dim: int
-    cross_attention_dim: int
-    heads: int
-
-    @property
-    def processor_name(self) -> str:
-        """The key of this layer in ``denoiser.attn_processors`` / ``set_attn_processor``."""
-        return f"{self.name}.processor"
-
-    @property
-    def head_dim(self) -> int:
-        return self.module.inner_dim // self.heads
-
-
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -172,6 +148,8 @@ class Backbone(nn.Module):
         scheduler_config: dict[str, Any],
         flavour: str,
         source: str | None = None,
+        image_encoder: nn.Module | None = None,
+        feature_extractor: Any = None,
     ) -> None:
         super().__init__()
         self.flavour = flavour
@@ -180,6 +158,10 @@ class Backbone(nn.Module):
         self.vae = vae
         self.text_encoders = nn.ModuleList(text_encoders)
         self.tokenizers = list(tokenizers)
+        # Optional image encoder (CLIP vision) and its processor, for image-prompt plugins (IP-Adapter, A4A);
+        # set with :meth:`set_image_encoder`, passed to the family's pipeline, frozen like the rest.
+        self.image_encoder = image_encoder
+        self.feature_extractor = feature_extractor
         # Keep the class name (which sampler), drop diffusers' bookkeeping keys.
         self.scheduler_config = {
             k: v for k, v in dict(scheduler_config).items() if not k.startswith("_") or k == "_class_name"
@@ -188,6 +170,13 @@ class Backbone(nn.Module):
         _cast_vae_inputs(vae)
         self.requires_grad_(False)
         self.train(False)
+
+    def set_image_encoder(self, image_encoder: nn.Module | None, feature_extractor: Any = None) -> None:
+        """Fill (or clear) the image-encoder slot; the encoder is frozen and kept in eval mode."""
+        if image_encoder is not None:
+            image_encoder.requires_grad_(False).eval()
+        self.image_encoder = image_encoder
+        self.feature_extractor = feature_extractor
 
     # ------------------------------------------------------------------------------------------- identity
     @property
@@ -335,85 +324,20 @@ class Backbone(nn.Module):
         """Decoder blocks in forward order, named by their path inside ``denoiser``."""
         raise NotImplementedError
 
-    def _named_denoiser_modules(self, names: Sequence[str]) -> dict[str, nn.Module]:
-        modules = dict(self.denoiser.named_modules())
-        unknown = [name for name in names if name not in modules]
-        if unknown:
-            known = ", ".join(name for name, _ in self.decoder_blocks())
-            raise KeyError(f"{self.id} denoiser has no module {unknown}; decoder blocks are: {known}")
-        return {name: modules[name] for name in names}
+    def capture(self, names: str | Sequence[str]) -> AbstractContextManager[dict[str, Tensor]]:
+        """Record the hidden-state outputs of named denoiser blocks (see :func:`surgery.capture_outputs`)."""
+        return surgery.capture_outputs(self.denoiser, names)
 
-    @contextmanager
-    def capture(self, names: str | Sequence[str]) -> Iterator[dict[str, Tensor]]:
-        """Record the outputs of the named denoiser modules during forwards run inside the context.
+    def add_to_outputs(self, additions: dict[str, Tensor | Callable[[Tensor], Tensor]]) -> AbstractContextManager[None]:
+        """Add residuals to named denoiser blocks' hidden states (see :func:`surgery.add_to_outputs`)."""
+        return surgery.add_to_outputs(self.denoiser, additions)
 
-        Yields a dict filled as the forward runs (``name -> output``; the first element where a block returns a
-        tuple, e.g. down blocks); a later forward overwrites it. The hooks are removed on exit.
+    def cross_attention_layers(self) -> list[AttentionLayer]:
+        """Every cross-attention (text) layer of the denoiser, in ``denoiser.attn_processors`` order.
+
+        Real counts: SD1.5 16, SDXL 70, PixArt-alpha 28. See :func:`surgery.attention_layers`.
         """
-        names = [names] if isinstance(names, str) else list(names)
-        outputs: dict[str, Tensor] = {}
-
-        def recorder(name: str) -> Callable[..., None]:
-            def hook(module: nn.Module, args: Any, output: Any) -> None:
-                outputs[name] = output[0] if isinstance(output, tuple) else output
-
-            return hook
-
-        handles = [
-            module.register_forward_hook(recorder(name)) for name, module in self._named_denoiser_modules(names).items()
-        ]
-        try:
-            yield outputs
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    @contextmanager
-    def add_to_outputs(self, additions: dict[str, Tensor | Callable[[Tensor], Tensor]]) -> Iterator[None]:
-        """Add a tensor (or ``fn(output) -> tensor``) to the named modules' outputs during the context.
-
-        The way to feed X-Adapter-style residuals into decoder blocks (``{"up_blocks.0": r, ...}``).
-        """
-
-        def adder(addition: Tensor | Callable[[Tensor], Tensor]) -> Callable[..., Any]:
-            def hook(module: nn.Module, args: Any, output: Any) -> Any:
-                if isinstance(output, tuple):
-                    first = output[0]
-                    delta = addition(first) if callable(addition) else addition
-                    return (first + delta.to(first.dtype),) + tuple(output[1:])
-                delta = addition(output) if callable(addition) else addition
-                return output + delta.to(output.dtype)
-
-            return hook
-
-        modules = self._named_denoiser_modules(list(additions))
-        handles = [modules[name].register_forward_hook(adder(value)) for name, value in additions.items()]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def cross_attention_layers(self) -> list[CrossAttentionLayer]:
-        """Every cross-attention (text) layer, in ``denoiser.attn_processors`` order.
-
-        That is diffusers' module-registration order (UNet: down_blocks, up_blocks, then mid_block; DiT:
-        transformer_blocks 0..N-1), the order IP-Adapter and SpeedUpNet checkpoints number their layers by.
-        Real counts: SD1.5 16, SDXL 70, PixArt-alpha 28.
-        """
-        layers = []
-        for name, module in self.denoiser.named_modules():
-            if isinstance(module, Attention) and module.is_cross_attention:
-                layers.append(
-                    CrossAttentionLayer(
-                        name=name,
-                        module=module,
-                        query_dim=module.query_dim,
-                        cross_attention_dim=module.cross_attention_dim,
-                        heads=module.heads,
-                    )
-                )
-        return layers
+        return surgery.attention_layers(self.denoiser, "cross")
 
     # --------------------------------------------------------------------------------------- pipelines
     def pipeline(self, scheduler: diffusers.SchedulerMixin | None = None) -> diffusers.DiffusionPipeline:
@@ -500,8 +424,8 @@ class SD15Backbone(_UNetBackbone):
             unet=self.denoiser,
             scheduler=scheduler or self.inference_scheduler(),
             safety_checker=None,
-            feature_extractor=None,
-            image_encoder=None,
+            feature_extractor=self.feature_extractor,
+            image_encoder=self.image_encoder,
             requires_safety_checker=False,
         )
 
@@ -557,8 +481,8 @@ class SDXLBackbone(_UNetBackbone):
             tokenizer_2=self.tokenizers[1],
             unet=self.denoiser,
             scheduler=scheduler or self.inference_scheduler(),
-            image_encoder=None,
-            feature_extractor=None,
+            image_encoder=self.image_encoder,
+            feature_extractor=self.feature_extractor,
             force_zeros_for_empty_prompt=True,
             add_watermarker=False,
         )

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from xa_lightning.paths import cache_dir
+
 CLIP_VOCAB_SIZE = 49408
 CLIP_MAX_LENGTH = 77
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
@@ -27,11 +29,8 @@ _NUM_MERGES = 49152 - 256 - 2
 
 
 def tokenizer_cache_dir() -> Path:
-    """Where the rebuilt vocabulary lives: ``$XA_LIGHTNING_CACHE`` or ``$XDG_CACHE_HOME/xa_lightning``."""
-    root = os.environ.get("XA_LIGHTNING_CACHE")
-    if root is None:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "xa_lightning")
-    return Path(root) / "clip_tokenizer"
+    """Where the rebuilt vocabulary lives: ``<cache_dir>/clip_tokenizer`` (``$XA_CACHE_DIR`` moves it)."""
+    return cache_dir() / "clip_tokenizer"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -57,7 +56,8 @@ def _open_clip_bpe_path() -> Path:
 
 def _write_vocabulary(target: Path) -> None:
     """Write vocab.json + merges.txt into ``target`` atomically (a finished directory or nothing)."""
-    lines = gzip.open(_open_clip_bpe_path()).read().decode("utf-8").split("\n")
+    with gzip.open(_open_clip_bpe_path()) as handle:
+        lines = handle.read().decode("utf-8").split("\n")
     merges = lines[1 : _NUM_MERGES + 1]  # line 0 is a version header
     base = list(_bytes_to_unicode().values())
     tokens = base + [token + "</w>" for token in base] + ["".join(merge.split()) for merge in merges] + [_BOS, _EOS]

@@ -8,8 +8,9 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 import lightning as L
 import torch
@@ -74,23 +75,25 @@ class EvaluationCallback(L.Callback):
         **overrides: individual fields to override (e.g. ``every_n_steps=100``).
     """
 
-    def __init__(self, config: Union[EvaluationConfig, Mapping[str, Any], None] = None, **overrides: Any) -> None:
+    def __init__(self, config: EvaluationConfig | Mapping[str, Any] | None = None, **overrides: Any) -> None:
         super().__init__()
         base = EvaluationConfig.coerce(config)
         if overrides:
             fields = {f.name for f in dataclasses.fields(EvaluationConfig)}
             unknown = sorted(set(overrides) - fields)
             if unknown:
-                raise UserError(f"callbacks.evaluation.{unknown[0]} is not an evaluation setting; "
-                                f"valid: {', '.join(sorted(fields))}")
+                raise UserError(
+                    f"callbacks.evaluation.{unknown[0]} is not an evaluation setting; "
+                    f"valid: {', '.join(sorted(fields))}"
+                )
             merged = {f.name: getattr(base, f.name) for f in dataclasses.fields(EvaluationConfig)}
             merged.update(overrides)
             base = EvaluationConfig.coerce(merged)
         self.config = base
         self.history: list[dict[str, Any]] = []
-        self.last_result: Optional[dict[str, Any]] = None
+        self.last_result: dict[str, Any] | None = None
         self._evaluated_steps: set[int] = set()
-        self._eval_set: Optional[dict[str, Any]] = None
+        self._eval_set: dict[str, Any] | None = None
         self._real_statistics: Any = None
 
     # ------------------------------------------------------------------ validation up front
@@ -99,24 +102,32 @@ class EvaluationCallback(L.Callback):
         if stage != "fit":
             return
         if not callable(getattr(pl_module, "evaluation_samplers", None)):
-            raise TypeError(f"{type(pl_module).__name__} has no evaluation_samplers(); the evaluation callback "
-                            "needs it (see xa_lightning.training.AdapterModule)")
+            raise TypeError(
+                f"{type(pl_module).__name__} has no evaluation_samplers(); the evaluation callback "
+                "needs it (see xa_lightning.training.AdapterModule)"
+            )
         cfg = self.config
         datamodule = getattr(trainer, "datamodule", None)
         if not hasattr(datamodule, "eval_prompts"):
             if not cfg.prompts_file:
-                raise UserError("eval.prompts_file is unset and the datamodule has no eval_prompts(n); set "
-                                "eval.prompts_file=evaluation/prompts/demo.txt")
+                raise UserError(
+                    "eval.prompts_file is unset and the datamodule has no eval_prompts(n); set "
+                    "eval.prompts_file=evaluation/prompts/demo.txt"
+                )
             resolve_path(cfg.prompts_file, "eval.prompts_file")
         if cfg.needs_references() and not hasattr(datamodule, "eval_references"):
             if not cfg.references_dir:
-                raise UserError("eval.references_dir is unset and the datamodule has no eval_references(n), but "
-                                f"eval.metrics needs references ({', '.join(cfg.metrics)})")
+                raise UserError(
+                    "eval.references_dir is unset and the datamodule has no eval_references(n), but "
+                    f"eval.metrics needs references ({', '.join(cfg.metrics)})"
+                )
             resolve_path(cfg.references_dir, "eval.references_dir")
         if cfg.needs_real_images() and not hasattr(datamodule, "real_images"):
             if not cfg.real_dir:
-                raise UserError("eval.metrics has fid/kid but there are no real images: set eval.real_dir or "
-                                "eval.fid.reference_stats (the datamodule has no real_images(n))")
+                raise UserError(
+                    "eval.metrics has fid/kid but there are no real images: set eval.real_dir or "
+                    "eval.fid.reference_stats (the datamodule has no real_images(n))"
+                )
             resolve_path(cfg.real_dir, "eval.real_dir")
         if cfg.fid.reference_stats:
             from xa_lightning.metrics.fid import FeatureStatistics, stats_path
@@ -132,8 +143,9 @@ class EvaluationCallback(L.Callback):
             build_face_embedder(cfg.ida.backend, cfg.ida.model_dir, **cfg.ida.embedder_kwargs())
 
     # ------------------------------------------------------------------ hooks
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         every = self.config.every_n_steps
         step = trainer.global_step
         if every and step > 0 and step % every == 0 and step not in self._evaluated_steps:
@@ -153,8 +165,9 @@ class EvaluationCallback(L.Callback):
     def metrics_path(self, trainer: L.Trainer) -> Path:
         return Path(self.config.output_dir or trainer.default_root_dir) / METRICS_FILE
 
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, *, final: bool = False,
-                 force: bool = False) -> dict[str, Any]:
+    def evaluate(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *, final: bool = False, force: bool = False
+    ) -> dict[str, Any]:
         """Run one evaluation now (all ranks must call it); returns the ``eval/...`` scalars.
 
         A second call at the same global step returns the earlier result unless ``force``.
@@ -174,10 +187,16 @@ class EvaluationCallback(L.Callback):
         pl_module.eval()
         try:
             with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
-                result = evaluate_samplers(samplers, eval_set["prompts"], eval_set["seeds"], eval_set["references"],
-                                           self._real_statistics if self._real_statistics is not None
-                                           else eval_set["real_images"], self.config, device=device,
-                                           progress=self.config.progress)
+                result = evaluate_samplers(
+                    samplers,
+                    eval_set["prompts"],
+                    eval_set["seeds"],
+                    eval_set["references"],
+                    self._real_statistics if self._real_statistics is not None else eval_set["real_images"],
+                    self.config,
+                    device=device,
+                    progress=self.config.progress,
+                )
         finally:
             pl_module.train(was_training)
         self._real_statistics = result["real_statistics"]
@@ -191,12 +210,16 @@ class EvaluationCallback(L.Callback):
         if trainer.is_global_zero:
             self._report(trainer, result, scalars, step, final)
         if result["untrained"]:
-            log.warning("evaluation: %s computed with a random-init CLIP encoder (weights unavailable offline); "
-                        "logged with the suffix _untrained", ", ".join(result["untrained"]))
+            log.warning(
+                "evaluation: %s computed with a random-init CLIP encoder (weights unavailable offline); "
+                "logged with the suffix _untrained",
+                ", ".join(result["untrained"]),
+            )
         return scalars
 
-    def _report(self, trainer: L.Trainer, result: dict[str, Any], scalars: dict[str, float], step: int,
-                final: bool) -> None:
+    def _report(
+        self, trainer: L.Trainer, result: dict[str, Any], scalars: dict[str, float], step: int, final: bool
+    ) -> None:
         loggers = list(trainer.loggers)
         log_scalars(loggers, scalars, step)
         rows, labels = [], []
@@ -214,22 +237,26 @@ class EvaluationCallback(L.Callback):
         log_wandb_table(loggers, result, "eval/table", step)
         self._write_metrics(trainer, result, scalars, step, final)
 
-    def _write_metrics(self, trainer: L.Trainer, result: dict[str, Any], scalars: dict[str, float], step: int,
-                       final: bool) -> None:
-        write_json_atomic(self.metrics_path(trainer), {
-            "step": step,
-            "epoch": int(trainer.current_epoch),
-            "final": final,
-            "metrics": scalars,
-            "untrained": result["untrained"],
-            "num_images": result["num_images"],
-            "samplers": result["samplers"],
-            "per_image": result["per_image"],
-            "prompts": result["prompts"],
-            "seeds": result["seeds"],
-            "config": self.config.to_dict(),
-            "history": self.history,
-        })
+    def _write_metrics(
+        self, trainer: L.Trainer, result: dict[str, Any], scalars: dict[str, float], step: int, final: bool
+    ) -> None:
+        write_json_atomic(
+            self.metrics_path(trainer),
+            {
+                "step": step,
+                "epoch": int(trainer.current_epoch),
+                "final": final,
+                "metrics": scalars,
+                "untrained": result["untrained"],
+                "num_images": result["num_images"],
+                "samplers": result["samplers"],
+                "per_image": result["per_image"],
+                "prompts": result["prompts"],
+                "seeds": result["seeds"],
+                "config": self.config.to_dict(),
+                "history": self.history,
+            },
+        )
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

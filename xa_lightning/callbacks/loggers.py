@@ -7,8 +7,9 @@ loggers without image support (CSV, ...) a PNG written into the logger's run dir
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,7 +31,7 @@ def comparison_grid(rows: Sequence[Tensor]) -> Tensor:
     return make_grid(torch.cat(cells), columns=columns)
 
 
-def _wandb_logger_type() -> Optional[type]:
+def _wandb_logger_type() -> type | None:
     try:
         from lightning.pytorch.loggers import WandbLogger
     except ImportError:  # pragma: no cover
@@ -38,7 +39,7 @@ def _wandb_logger_type() -> Optional[type]:
     return WandbLogger
 
 
-def _tensorboard_logger_type() -> Optional[type]:
+def _tensorboard_logger_type() -> type | None:
     try:
         from lightning.pytorch.loggers import TensorBoardLogger
     except ImportError:  # pragma: no cover
@@ -46,7 +47,7 @@ def _tensorboard_logger_type() -> Optional[type]:
     return TensorBoardLogger
 
 
-def logger_dir(logger: Any) -> Optional[Path]:
+def logger_dir(logger: Any) -> Path | None:
     for attr in ("log_dir", "save_dir"):
         try:
             value = getattr(logger, attr, None)
@@ -65,8 +66,9 @@ def log_scalars(loggers: Sequence[Any], scalars: dict[str, float], step: int) ->
             save()
 
 
-def log_grid(loggers: Sequence[Any], grid: Tensor, key: str, step: int, caption: str,
-             fallback_dir: Optional[Path]) -> list[Path]:
+def log_grid(
+    loggers: Sequence[Any], grid: Tensor, key: str, step: int, caption: str, fallback_dir: Path | None
+) -> list[Path]:
     """Log the grid to each logger; returns the PNG files written for loggers without images."""
     wandb_type, tensorboard_type = _wandb_logger_type(), _tensorboard_logger_type()
     written: list[Path] = []

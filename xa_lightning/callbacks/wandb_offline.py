@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 BLOCK_SIZE = 32 * 1024
 HEADER_SIZE = 7
@@ -28,12 +28,12 @@ def _records(data: bytes) -> list[bytes]:
         if left_in_block < HEADER_SIZE:  # block trailer padding
             position += left_in_block
             continue
-        _checksum, length, kind = struct.unpack("<IHB", data[position:position + HEADER_SIZE])
+        _checksum, length, kind = struct.unpack("<IHB", data[position : position + HEADER_SIZE])
         position += HEADER_SIZE
         if kind == 0 and length == 0:  # zero padding up to the end of the block
             position += left_in_block - HEADER_SIZE
             continue
-        chunk = data[position:position + length]
+        chunk = data[position : position + length]
         if len(chunk) < length:  # the writer is still appending: stop at the last complete record
             break
         position += length
@@ -57,7 +57,7 @@ def _set_nested(target: dict[str, Any], item: Any) -> None:
     node[keys[-1]] = json.loads(item.value_json)
 
 
-def read_offline_run(path: Union[str, Path]) -> dict[str, Any]:
+def read_offline_run(path: str | Path) -> dict[str, Any]:
     """``{"run_id", "config", "history": [row dicts], "summary"}`` of an offline run.
 
     ``path``: the run directory (``.../wandb/offline-run-*``) or its ``.wandb`` file.

@@ -6,18 +6,19 @@ import inspect
 import logging
 import math
 import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequence
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from xa_lightning.config import to_plain
 from xa_lightning.data.counters import SampleCounter, SampleSkipped, merge
 from xa_lightning.data.images import DEFAULT_MAX_PIXELS
 from xa_lightning.data.transforms import ImageViews, collate, pixels_to_uint8
-from xa_lightning.config import to_plain
 from xa_lightning.errors import UserError
 
 log = logging.getLogger("xa_lightning.data")
@@ -36,8 +37,8 @@ class CacheOptions:
     """
 
     enabled: bool = False
-    dir: Optional[str] = None
-    backbone: Optional[Mapping[str, Any]] = None
+    dir: str | None = None
+    backbone: Mapping[str, Any] | None = None
     dtype: str = "fp16"
     shard_size: int = 256
     splits: Sequence[str] = ("train", "val")
@@ -55,7 +56,7 @@ class CacheOptions:
             raise UserError(f"data.cache.shard_size={self.shard_size}: must be at least 1")
 
     @classmethod
-    def from_any(cls, value: Any) -> "CacheOptions":
+    def from_any(cls, value: Any) -> CacheOptions:
         value = plain(value)
         if value is None:
             return cls()
@@ -85,7 +86,7 @@ class EpochIndexSampler(DistributedSampler):
 class EpochLoader(DataLoader):
     """A DataLoader that tells its IterableDataset the epoch (Lightning only does so for samplers)."""
 
-    def __init__(self, *args: Any, epoch_fn: Optional[Callable[[], Optional[int]]] = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, epoch_fn: Callable[[], int | None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.epoch_fn = epoch_fn
         self._iterations = 0
@@ -125,20 +126,39 @@ class ImageTextDataModule(L.LightningDataModule):
         # Subclasses take the shared options through **kwargs; publish the full signature so config
         # validation (xa_lightning.config) can name a misspelt data.<key> before anything runs.
         super().__init_subclass__(**kwargs)
-        own = [p for p in inspect.signature(cls.__init__).parameters.values()
-               if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        own = [
+            p
+            for p in inspect.signature(cls.__init__).parameters.values()
+            if p.kind is not inspect.Parameter.VAR_KEYWORD
+        ]
         names = {p.name for p in own}
-        shared = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-                  for p in inspect.signature(ImageTextDataModule.__init__).parameters.values()
-                  if p.name not in names and p.kind is inspect.Parameter.KEYWORD_ONLY]
+        shared = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for p in inspect.signature(ImageTextDataModule.__init__).parameters.values()
+            if p.name not in names and p.kind is inspect.Parameter.KEYWORD_ONLY
+        ]
         cls.__signature__ = inspect.Signature([p for p in own if p.name != "self"] + shared)
 
-    def __init__(self, *, resolution: int = 512, extra_resolutions: Sequence[int] = (), batch_size: int = 4,
-                 val_batch_size: Optional[int] = None, num_workers: int = 4, seed: int = 0,
-                 crop: str = "random", random_flip: bool = False, upscale_small: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, cache: CacheOptions | Mapping[str, Any] | None = None,
-                 build_demo_if_missing: bool = False, log_counts: bool = True, pin_memory: bool = False,
-                 persistent_workers: bool = False, prefetch_factor: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        *,
+        resolution: int = 512,
+        extra_resolutions: Sequence[int] = (),
+        batch_size: int = 4,
+        val_batch_size: int | None = None,
+        num_workers: int = 4,
+        seed: int = 0,
+        crop: str = "random",
+        random_flip: bool = False,
+        upscale_small: bool = True,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        cache: CacheOptions | Mapping[str, Any] | None = None,
+        build_demo_if_missing: bool = False,
+        log_counts: bool = True,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        prefetch_factor: int | None = None,
+    ) -> None:
         super().__init__()
         if int(batch_size) < 1:
             raise UserError(f"data.batch_size={batch_size}: must be at least 1")
@@ -160,14 +180,15 @@ class ImageTextDataModule(L.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.prefetch_factor = prefetch_factor
-        self.train_views = ImageViews(self.resolution, self.extra_resolutions, crop, self.random_flip,
-                                      self.upscale_small)
+        self.train_views = ImageViews(
+            self.resolution, self.extra_resolutions, crop, self.random_flip, self.upscale_small
+        )
         self.eval_views = ImageViews(self.resolution, self.extra_resolutions, "center", False, True)
         self._fresh_state()
 
     def _fresh_state(self) -> None:
         self._owner_pid = os.getpid()
-        self.index_counter = SampleCounter(1)   # counts found while indexing (identical on every rank)
+        self.index_counter = SampleCounter(1)  # counts found while indexing (identical on every rank)
         self.train_counter = SampleCounter(self.num_workers + 1)
         self.val_counter = SampleCounter(self.num_workers + 1)
         self._is_setup = False
@@ -185,7 +206,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self._fresh_state()
 
     # ------------------------------------------------------------------ what subclasses provide
-    def _check_source(self) -> Optional[Path]:
+    def _check_source(self) -> Path | None:
         """Raise UserError if the data is not there; return the root to build the demo into (or None)."""
         raise NotImplementedError
 
@@ -201,7 +222,7 @@ class ImageTextDataModule(L.LightningDataModule):
     def _val_dataset(self) -> Dataset:
         raise NotImplementedError
 
-    def _eval_stream(self) -> Iterator["EvalItem"]:
+    def _eval_stream(self) -> Iterator[EvalItem]:
         """Held-out items in a fixed order (validation split)."""
         raise NotImplementedError
 
@@ -228,10 +249,10 @@ class ImageTextDataModule(L.LightningDataModule):
             self._build_demo(root)
             self._check_source()
 
-    def _demo_root(self) -> Optional[Path]:
+    def _demo_root(self) -> Path | None:
         return None
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if os.getpid() != self._owner_pid:
             # a forked rank (ddp_fork / ddp_notebook) shares our memory: it counts and indexes for itself
             self._fresh_state()
@@ -256,15 +277,18 @@ class ImageTextDataModule(L.LightningDataModule):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
-    def current_epoch(self) -> Optional[int]:
+    def current_epoch(self) -> int | None:
         """The trainer's epoch (so a resumed run continues the data stream), None without a trainer."""
         trainer = getattr(self, "trainer", None)
         return int(trainer.current_epoch) if trainer is not None else None
 
     def _loader_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
-                                      persistent_workers=self.persistent_workers,
-                                      worker_init_fn=worker_init if self.num_workers else None)
+        kwargs: dict[str, Any] = dict(
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            worker_init_fn=worker_init if self.num_workers else None,
+        )
         if self.num_workers and self.prefetch_factor:
             kwargs["prefetch_factor"] = int(self.prefetch_factor)
         return kwargs
@@ -275,12 +299,21 @@ class ImageTextDataModule(L.LightningDataModule):
         n = len(dataset)  # type: ignore[arg-type]
         if n < world * batch_size:
             split = "training" if train else "validation"
-            raise UserError(f"data: the {split} split of {self.name} has {n} samples, fewer than one batch "
-                            f"per rank ({world} x data.batch_size={batch_size}); lower data.batch_size")
-        sampler = EpochIndexSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=self.seed,
-                                    drop_last=train)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                          drop_last=train, **self._loader_kwargs())
+            raise UserError(
+                f"data: the {split} split of {self.name} has {n} samples, fewer than one batch "
+                f"per rank ({world} x data.batch_size={batch_size}); lower data.batch_size"
+            )
+        sampler = EpochIndexSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=train, seed=self.seed, drop_last=train
+        )
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            drop_last=train,
+            **self._loader_kwargs(),
+        )
 
     def iterable_loader(self, dataset: Dataset) -> DataLoader:
         """A loader over an IterableDataset that yields whole batches itself."""
@@ -321,7 +354,7 @@ class ImageTextDataModule(L.LightningDataModule):
         return self.train_counter.tensor() + self.val_counter.tensor(), self.index_counter.tensor()
 
     # ------------------------------------------------------------------ evaluation helpers
-    def _eval_items(self, n: int) -> list["EvalItem"]:
+    def _eval_items(self, n: int) -> list[EvalItem]:
         """The first ``n`` held-out items whose image decodes (fewer if the split is smaller)."""
         self.setup("validate")
         if len(self._eval_items_cache) < n and not self._eval_exhausted:
@@ -342,14 +375,17 @@ class ImageTextDataModule(L.LightningDataModule):
                 self._eval_exhausted = True
         return self._eval_items_cache[:n]
 
-    def _cycled(self, n: int, what: str) -> list["EvalItem"]:
+    def _cycled(self, n: int, what: str) -> list[EvalItem]:
         items = self._eval_items(n)
         if not items:
-            raise UserError(f"data: the validation split of {self.name} has no readable samples; "
-                            "check data.val_* settings and the skipped-sample counts")
+            raise UserError(
+                f"data: the validation split of {self.name} has no readable samples; "
+                "check data.val_* settings and the skipped-sample counts"
+            )
         if len(items) < n:
-            log.warning("data: %s asked for %d %s, the validation split has %d; repeating them",
-                        self.name, n, what, len(items))
+            log.warning(
+                "data: %s asked for %d %s, the validation split has %d; repeating them", self.name, n, what, len(items)
+            )
             items = [items[i % len(items)] for i in range(n)]
         return items
 
@@ -357,14 +393,14 @@ class ImageTextDataModule(L.LightningDataModule):
         """Captions of the first ``n`` held-out samples (repeated in order if the split is smaller)."""
         return [item.caption for item in self._cycled(n, "prompts")]
 
-    def eval_references(self, n: int) -> Optional[torch.Tensor]:
+    def eval_references(self, n: int) -> torch.Tensor | None:
         """IP reference images (n, 3, r, r) in [0, 1] aligned with :meth:`eval_prompts`; None without references."""
         if not self.has_references:
             return None
         items = self._cycled(n, "references")
         return torch.stack([item.load(self.eval_views, self.reference_size)[1] for item in items])
 
-    def real_images(self, n: int, resolution: Optional[int] = None) -> torch.Tensor:
+    def real_images(self, n: int, resolution: int | None = None) -> torch.Tensor:
         """Up to ``n`` held-out images, uint8 (m, 3, H, W), centre-cropped at ``resolution`` (default: data's).
 
         Never repeats an image (FID against duplicates is wrong): ``m < n`` when the split is smaller.
@@ -372,8 +408,11 @@ class ImageTextDataModule(L.LightningDataModule):
         items = self._eval_items(n)
         if len(items) < n:
             log.warning("data: %s has %d held-out images, %d were asked for", self.name, len(items), n)
-        views = self.eval_views if resolution in (None, self.resolution) else \
-            ImageViews(int(resolution), (), "center", False, True)
+        views = (
+            self.eval_views
+            if resolution in (None, self.resolution)
+            else ImageViews(int(resolution), (), "center", False, True)
+        )
         images = [pixels_to_uint8(item.load(views, None)[0]["pixels"]) for item in items]
         size = views.resolution
         return torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
@@ -383,7 +422,7 @@ class ImageTextDataModule(L.LightningDataModule):
         return int(getattr(self, "reference_resolution", 224))
 
     # ------------------------------------------------------------------ misc
-    def batches_per_epoch(self) -> Optional[int]:
+    def batches_per_epoch(self) -> int | None:
         """Training batches per rank and epoch, where the DataModule decides it (LAION); else None."""
         return None
 
@@ -391,7 +430,7 @@ class ImageTextDataModule(L.LightningDataModule):
 class CaptionedFolderDataModule(ImageTextDataModule):
     """A dataset root holding an image folder and a captions JSONL (CelebAMask-HQ, OpenImages)."""
 
-    root: Optional[Path]
+    root: Path | None
     images_name: str
     captions_name: str
     dataset_title = "dataset"
@@ -401,7 +440,7 @@ class CaptionedFolderDataModule(ImageTextDataModule):
         path = Path(name).expanduser()
         return path if path.is_absolute() else self.root / path
 
-    def _demo_root(self) -> Optional[Path]:
+    def _demo_root(self) -> Path | None:
         return self.root
 
     def _check_root_images_captions(self, images_hint: str) -> None:
@@ -415,8 +454,10 @@ class CaptionedFolderDataModule(ImageTextDataModule):
             raise UserError(f"data.images_dir: {images} does not exist; {images_hint}")
         captions = self._path(self.captions_name)
         if not captions.is_file():
-            raise UserError(f"data.captions: {captions} does not exist; write it with "
-                            f"`xa-data caption {images} --out {captions}` or set data.captions=...")
+            raise UserError(
+                f"data.captions: {captions} does not exist; write it with "
+                f"`xa-data caption {images} --out {captions}` or set data.captions=..."
+            )
 
     # ---------------------------------------------------------------- datasets over train/val records
     val_split_key = "data.val_size"  # the config key that sized the validation split (for the error)
@@ -428,10 +469,16 @@ class CaptionedFolderDataModule(ImageTextDataModule):
     def _records_dataset(self, records: list, train: bool) -> Any:
         from xa_lightning.data.records import RecordDataset
 
-        return RecordDataset(records, views=self.train_views if train else self.eval_views,
-                             counter=self.train_counter if train else self.val_counter, seed=self.seed,
-                             reference_size=self.reference_resolution, reference_box=self._reference_box(),
-                             max_pixels=self.max_pixels, train=train)
+        return RecordDataset(
+            records,
+            views=self.train_views if train else self.eval_views,
+            counter=self.train_counter if train else self.val_counter,
+            seed=self.seed,
+            reference_size=self.reference_resolution,
+            reference_box=self._reference_box(),
+            max_pixels=self.max_pixels,
+            train=train,
+        )
 
     def _train_dataset(self) -> Any:
         return self._records_dataset(self.train_records, True)
@@ -445,11 +492,14 @@ class CaptionedFolderDataModule(ImageTextDataModule):
         """Order in which held-out records serve the evaluation set."""
         return list(records)
 
-    def _eval_stream(self) -> Iterator["EvalItem"]:
+    def _eval_stream(self) -> Iterator[EvalItem]:
         dataset = self._records_dataset(self.val_records or self.train_records, False)
         for record in self._eval_order(dataset.records):
-            yield EvalItem(record.key, record.caption,
-                           lambda views, size, record=record: dataset.load(record, views, None, size, count=False))
+            yield EvalItem(
+                record.key,
+                record.caption,
+                lambda views, size, record=record: dataset.load(record, views, None, size, count=False),
+            )
 
     def iter_cache_batches(self, split: str, batch_size: int) -> Iterator[dict[str, Any]]:
         from xa_lightning.data.records import batched
@@ -461,12 +511,12 @@ class CaptionedFolderDataModule(ImageTextDataModule):
 class EvalItem:
     """One held-out sample: ``key``, ``caption`` and ``load(views, reference_size) -> (views, reference)``."""
 
-    def __init__(self, key: str, caption: str, loader: Callable[[ImageViews, Optional[int]], tuple[dict, Any]]):
+    def __init__(self, key: str, caption: str, loader: Callable[[ImageViews, int | None], tuple[dict, Any]]):
         self.key = key
         self.caption = caption
         self._loader = loader
 
-    def load(self, views: ImageViews, reference_size: Optional[int]) -> tuple[dict[str, Any], Any]:
+    def load(self, views: ImageViews, reference_size: int | None) -> tuple[dict[str, Any], Any]:
         return self._loader(views, reference_size)
 
 

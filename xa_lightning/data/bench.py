@@ -13,8 +13,9 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -30,13 +31,23 @@ def _loader_rate(loader: Any) -> dict[str, float]:
     return {"samples": samples, "seconds": elapsed, "samples_per_s": samples / elapsed if elapsed > 0 else 0.0}
 
 
-def laion_rate(urls: Sequence[str] | str, workers: int, batches: int, batch_size: int, resolution: int,
-               filters: Optional[dict] = None) -> dict[str, float]:
+def laion_rate(
+    urls: Sequence[str] | str, workers: int, batches: int, batch_size: int, resolution: int, filters: dict | None = None
+) -> dict[str, float]:
     from xa_lightning.data import LaionDataModule
 
-    datamodule = LaionDataModule(urls=urls, resolution=resolution, batch_size=batch_size, num_workers=workers,
-                                 epoch_samples=(batches + 1) * batch_size, val_fraction=0.0, shuffle_buffer=64,
-                                 filters=filters or {}, log_counts=False, persistent_workers=False)
+    datamodule = LaionDataModule(
+        urls=urls,
+        resolution=resolution,
+        batch_size=batch_size,
+        num_workers=workers,
+        epoch_samples=(batches + 1) * batch_size,
+        val_fraction=0.0,
+        shuffle_buffer=64,
+        filters=filters or {},
+        log_counts=False,
+        persistent_workers=False,
+    )
     datamodule.setup()
     result = _loader_rate(datamodule.train_dataloader())
     result["samples_per_s_per_worker"] = result["samples_per_s"] / max(1, workers)
@@ -44,7 +55,7 @@ def laion_rate(urls: Sequence[str] | str, workers: int, batches: int, batch_size
     return result
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     from xa_lightning.bench import device_name
 
     parser = argparse.ArgumentParser(prog="xa-bench data", description=__doc__.splitlines()[0])
@@ -61,8 +72,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         torch.set_num_threads(args.threads)
     logging.getLogger("xa_lightning.data").setLevel(logging.ERROR)  # per-reason warnings would clutter
 
-    result: dict[str, Any] = {"benchmark": "data", "device": device_name("cpu"), "batch_size": args.batch_size,
-                              "resolution": args.resolution}
+    result: dict[str, Any] = {
+        "benchmark": "data",
+        "device": device_name("cpu"),
+        "batch_size": args.batch_size,
+        "resolution": args.resolution,
+    }
     with tempfile.TemporaryDirectory(prefix="xa-bench-data-") as tmp:
         tmp_path = Path(tmp)
         urls = args.urls
@@ -74,10 +89,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             result["source"] = "demo shards"
         else:
             result["source"] = urls
-        result["laion"] = {str(w): laion_rate(urls, int(w), args.batches, args.batch_size, args.resolution)
-                           for w in args.workers.split(",")}
-        result["laion_samples_per_s_per_worker"] = max(
-            r["samples_per_s_per_worker"] for r in result["laion"].values())
+        result["laion"] = {
+            str(w): laion_rate(urls, int(w), args.batches, args.batch_size, args.resolution)
+            for w in args.workers.split(",")
+        }
+        result["laion_samples_per_s_per_worker"] = max(r["samples_per_s_per_worker"] for r in result["laion"].values())
 
         step = _train_step(args.backbone, args.batch_size, args.resolution)
         if step is not None:
@@ -90,13 +106,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 result["cache_samples_per_s"] = cache["samples_per_s"]
         if "train_samples_per_s" in result:
             best_loader = max(r["samples_per_s"] for r in result["laion"].values())
-            result["workers_needed"] = result["train_samples_per_s"] / max(result["laion_samples_per_s_per_worker"],
-                                                                           1e-9)
+            result["workers_needed"] = result["train_samples_per_s"] / max(
+                result["laion_samples_per_s_per_worker"], 1e-9
+            )
             result["data_keeps_up"] = best_loader >= result["train_samples_per_s"]
     print(json.dumps(result))
 
 
-def _train_step(family: str, batch_size: int, resolution: int) -> Optional[float]:
+def _train_step(family: str, batch_size: int, resolution: int) -> float | None:
     """Median forward+backward time of the tiny denoiser at this batch size and resolution."""
     try:
         from xa_lightning.backbones import build_backbone
@@ -116,7 +133,7 @@ def _train_step(family: str, batch_size: int, resolution: int) -> Optional[float
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
-def _cache_rate(tmp_path: Path, urls: Any, args: argparse.Namespace) -> Optional[dict[str, float]]:
+def _cache_rate(tmp_path: Path, urls: Any, args: argparse.Namespace) -> dict[str, float] | None:
     try:
         from xa_lightning.backbones import build_backbone
     except ImportError:
@@ -125,18 +142,40 @@ def _cache_rate(tmp_path: Path, urls: Any, args: argparse.Namespace) -> Optional
     from xa_lightning.data.cache import build_cache
 
     spec = {"family": args.backbone, "flavour": "tiny"}
-    cache = {"enabled": False, "dir": str(tmp_path / "cache"), "backbone": spec, "dtype": "fp16",
-             "shard_size": 64, "splits": ["train"]}
+    cache = {
+        "enabled": False,
+        "dir": str(tmp_path / "cache"),
+        "backbone": spec,
+        "dtype": "fp16",
+        "shard_size": 64,
+        "splits": ["train"],
+    }
     from xa_lightning.data.laion import expand_urls
 
     first_shard = expand_urls(urls)[:1]  # encoding is not what is measured: keep it short
-    datamodule = LaionDataModule(urls=first_shard, resolution=args.resolution, batch_size=args.batch_size,
-                                 num_workers=0, val_fraction=0.0, filters={}, log_counts=False, cache=cache,
-                                 epoch_samples=(args.batches + 1) * args.batch_size)
+    datamodule = LaionDataModule(
+        urls=first_shard,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        num_workers=0,
+        val_fraction=0.0,
+        filters={},
+        log_counts=False,
+        cache=cache,
+        epoch_samples=(args.batches + 1) * args.batch_size,
+    )
     build_cache(datamodule, spec, build_backbone(args.backbone, "tiny"), progress=False)
     cache["enabled"] = True
-    reader = LaionDataModule(urls=first_shard, resolution=args.resolution, batch_size=args.batch_size,
-                             num_workers=0, val_fraction=0.0, filters={}, log_counts=False, cache=cache)
+    reader = LaionDataModule(
+        urls=first_shard,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        num_workers=0,
+        val_fraction=0.0,
+        filters={},
+        log_counts=False,
+        cache=cache,
+    )
     reader.setup()
     return _loader_rate(reader.train_dataloader())
 

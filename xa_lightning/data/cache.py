@@ -26,9 +26,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import Dataset
@@ -52,8 +53,10 @@ def backbone_identity(spec: Any) -> dict[str, Any]:
 
     values = plain(spec)
     if values is None:
-        raise UserError("data.cache.backbone is not set; point it at the backbone config of the run "
-                        "(the data configs default to ${backbone})")
+        raise UserError(
+            "data.cache.backbone is not set; point it at the backbone config of the run "
+            "(the data configs default to ${backbone})"
+        )
     if not isinstance(values, Mapping):
         raise UserError(f"data.cache.backbone must be a backbone config mapping, got {type(values).__name__}")
     config = asdict(BackboneConfig.from_dict(dict(values)))
@@ -61,36 +64,46 @@ def backbone_identity(spec: Any) -> dict[str, Any]:
         path = Path(str(config["path"])).expanduser()
         if path.is_dir():
             config["path"] = str(path.resolve())
-            weights = sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin") and
-                             p.parent.name in ("vae", "text_encoder", "text_encoder_2"))
-            config["weights"] = [[p.relative_to(path).as_posix(), p.stat().st_size, int(p.stat().st_mtime)]
-                                 for p in weights]
+            weights = sorted(
+                p
+                for p in path.rglob("*")
+                if p.suffix in (".safetensors", ".bin") and p.parent.name in ("vae", "text_encoder", "text_encoder_2")
+            )
+            config["weights"] = [
+                [p.relative_to(path).as_posix(), p.stat().st_size, int(p.stat().st_mtime)] for p in weights
+            ]
     if config.get("flavour") == "pretrained":
         config.pop("seed", None)  # the weights, not the seed, decide
     return config
 
 
-def cache_key(datamodule: "ImageTextDataModule", backbone_spec: Any) -> dict[str, Any]:
+def cache_key(datamodule: ImageTextDataModule, backbone_spec: Any) -> dict[str, Any]:
     identity = backbone_identity(backbone_spec)
     views = datamodule.train_views
     return {
         "format": CACHE_FORMAT,
         "data": datamodule.source_fingerprint(),
-        "views": {"resolution": views.resolution, "extra_resolutions": list(views.extra_resolutions),
-                  "crop": views.crop, "random_flip": views.random_flip, "upscale_small": views.upscale_small,
-                  "eval_crop": "center", "seed": datamodule.seed},
+        "views": {
+            "resolution": views.resolution,
+            "extra_resolutions": list(views.extra_resolutions),
+            "crop": views.crop,
+            "random_flip": views.random_flip,
+            "upscale_small": views.upscale_small,
+            "eval_crop": "center",
+            "seed": datamodule.seed,
+        },
         "backbone": identity,
         "dtype": datamodule.cache.dtype,
     }
 
 
-def cache_dir_name(datamodule: "ImageTextDataModule", key: Mapping[str, Any]) -> str:
+def cache_dir_name(datamodule: ImageTextDataModule, key: Mapping[str, Any]) -> str:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     backbone = key["backbone"]
     return f"{datamodule.name}-{backbone['family']}-{backbone['flavour']}-{datamodule.resolution}px-{digest}"
 
 
-def _cache_root(datamodule: "ImageTextDataModule") -> Path:
+def _cache_root(datamodule: ImageTextDataModule) -> Path:
     if not datamodule.cache.dir:
         raise UserError("data.cache.dir is not set; set it to the folder that holds (or will hold) the caches")
     return Path(datamodule.cache.dir).expanduser()
@@ -107,7 +120,7 @@ def _describe_differences(wanted: Mapping[str, Any], found: Mapping[str, Any], p
     return out
 
 
-def find_cache(datamodule: "ImageTextDataModule", backbone_spec: Any) -> Path:
+def find_cache(datamodule: ImageTextDataModule, backbone_spec: Any) -> Path:
     """The cache folder for this data + backbone config, or a UserError that says what differs."""
     key = cache_key(datamodule, backbone_spec)
     root = _cache_root(datamodule)
@@ -116,9 +129,11 @@ def find_cache(datamodule: "ImageTextDataModule", backbone_spec: Any) -> Path:
     if manifest.is_file():
         stored = json.loads(manifest.read_text())
         if stored.get("key") != json.loads(json.dumps(key, default=str)):
-            raise UserError(f"data.cache: {folder} does not match this config "
-                            f"({', '.join(_describe_differences(key, stored.get('key', {}))) or 'key'} differ); "
-                            f"rebuild it with xa-data cache")
+            raise UserError(
+                f"data.cache: {folder} does not match this config "
+                f"({', '.join(_describe_differences(key, stored.get('key', {}))) or 'key'} differ); "
+                f"rebuild it with xa-data cache"
+            )
         return folder
     others = sorted(p for p in root.glob(f"{datamodule.name}-*/manifest.json")) if root.is_dir() else []
     hint = ""
@@ -126,9 +141,11 @@ def find_cache(datamodule: "ImageTextDataModule", backbone_spec: Any) -> Path:
         stored = json.loads(others[-1].read_text()).get("key", {})
         differ = _describe_differences(json.loads(json.dumps(key, default=str)), stored)
         hint = f"; {others[-1].parent.name} exists but differs in {', '.join(differ[:4]) or 'its key'}"
-    raise UserError(f"data.cache.enabled=true but there is no cache for this data + backbone in {root}{hint}; "
-                    f"build it with `xa-data cache data=<data config> backbone=<backbone config>` "
-                    "(same overrides as the run) or set data.cache.enabled=false")
+    raise UserError(
+        f"data.cache.enabled=true but there is no cache for this data + backbone in {root}{hint}; "
+        f"build it with `xa-data cache data=<data config> backbone=<backbone config>` "
+        "(same overrides as the run) or set data.cache.enabled=false"
+    )
 
 
 class CachedDataset(Dataset):
@@ -139,8 +156,10 @@ class CachedDataset(Dataset):
         manifest = json.loads((self.folder / "manifest.json").read_text())
         info = manifest["splits"].get(split)
         if not info or not info["count"]:
-            raise UserError(f"data.cache: {self.folder} holds no {split} samples; "
-                            f"set data.cache.splits to the cached splits ({', '.join(manifest['splits'])})")
+            raise UserError(
+                f"data.cache: {self.folder} holds no {split} samples; "
+                f"set data.cache.splits to the cached splits ({', '.join(manifest['splits'])})"
+            )
         self.shards = [(self.folder / s["file"], int(s["count"])) for s in info["shards"]]
         self.offsets: list[int] = []
         total = 0
@@ -180,8 +199,8 @@ class CachedDataset(Dataset):
         offset = position - self.offsets[shard]
         handle = self._open(shard)
         sample: dict[str, Any] = {}
-        for name in handle.keys():
-            value = handle.get_slice(name)[offset:offset + 1][0]
+        for name in handle.keys():  # noqa: SIM118 (safetensors.safe_open is not iterable)
+            value = handle.get_slice(name)[offset : offset + 1][0]
             if name.startswith(FLOAT_KEYS_PREFIX):
                 value = value.float()
             elif name == "reference":
@@ -193,20 +212,21 @@ class CachedDataset(Dataset):
         return sample
 
 
-def open_cache(datamodule: "ImageTextDataModule", split: str) -> CachedDataset:
+def open_cache(datamodule: ImageTextDataModule, split: str) -> CachedDataset:
     folder = find_cache(datamodule, datamodule.cache.backbone)
     return CachedDataset(folder, split)
 
 
 # ------------------------------------------------------------------------------------------ writing
-def _encode_batch(batch: Mapping[str, Any], backbone: Any, device: torch.device,
-                  storage: torch.dtype) -> dict[str, torch.Tensor]:
+def _encode_batch(
+    batch: Mapping[str, Any], backbone: Any, device: torch.device, storage: torch.dtype
+) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, value in batch.items():
             if name == "pixels" or name.startswith("pixels_"):
                 latents = backbone.encode_images(value.to(device=device, dtype=torch.float32))
-                out["latents" + name[len("pixels"):]] = latents.to("cpu", storage).contiguous()
+                out["latents" + name[len("pixels") :]] = latents.to("cpu", storage).contiguous()
             elif name == "reference":
                 out["reference"] = (value * 255).round().clamp(0, 255).to(torch.uint8).contiguous()
             elif isinstance(value, torch.Tensor):
@@ -251,8 +271,9 @@ class _ShardWriter:
         self.buffer, self.captions, self.keys = [], [], []
 
     def _progress(self) -> dict[str, Any]:
-        existing = json.loads((self.folder / "progress.json").read_text()) if \
-            (self.folder / "progress.json").is_file() else {}
+        existing = (
+            json.loads((self.folder / "progress.json").read_text()) if (self.folder / "progress.json").is_file() else {}
+        )
         existing.setdefault("splits", {})[self.split] = {"shards": self.done, "complete": False}
         return existing
 
@@ -263,9 +284,16 @@ def _write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def build_cache(datamodule: "ImageTextDataModule", backbone_spec: Any, backbone: Any = None, *,
-                batch_size: Optional[int] = None, device: Optional[str] = None, progress: bool = True,
-                splits: Optional[tuple[str, ...]] = None) -> Path:
+def build_cache(
+    datamodule: ImageTextDataModule,
+    backbone_spec: Any,
+    backbone: Any = None,
+    *,
+    batch_size: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    splits: tuple[str, ...] | None = None,
+) -> Path:
     """Encode the dataset's splits with the backbone and write the cache; returns its folder.
 
     ``backbone_spec``: the backbone config (the key); ``backbone``: an already built Backbone for it
@@ -333,10 +361,19 @@ def build_cache(datamodule: "ImageTextDataModule", backbone_spec: Any, backbone:
         summary[split] = {"shards": done, "count": sum(s["count"] for s in done)}
         log.info("cache: %s %d samples in %.1fs", split, summary[split]["count"], time.perf_counter() - start)
     if not any(info["count"] for info in summary.values()):
-        raise UserError(f"cache: no readable samples in {datamodule.name}; nothing to cache "
-                        f"(counts: {datamodule.sample_counts()})")
-    _write_json(partial / "manifest.json", {"key": key, "splits": summary, "tensors": shapes,
-                                            "counts": datamodule.sample_counts(), "created": time.time()})
+        raise UserError(
+            f"cache: no readable samples in {datamodule.name}; nothing to cache (counts: {datamodule.sample_counts()})"
+        )
+    _write_json(
+        partial / "manifest.json",
+        {
+            "key": key,
+            "splits": summary,
+            "tensors": shapes,
+            "counts": datamodule.sample_counts(),
+            "created": time.time(),
+        },
+    )
     (partial / "progress.json").unlink(missing_ok=True)
     os.replace(partial, folder)
     return folder

@@ -26,7 +26,7 @@ class SkippedSamplesLogger(L.Callback):
         self.every_n_steps = every_n_steps
         self.last: dict[str, int] = {}
 
-    def _totals(self, trainer: "L.Trainer") -> dict[str, int] | None:
+    def _totals(self, trainer: L.Trainer) -> dict[str, int] | None:
         datamodule = getattr(trainer, "datamodule", None)
         counter_tensors = getattr(datamodule, "counter_tensors", None)
         if not callable(counter_tensors):
@@ -38,23 +38,25 @@ class SkippedSamplesLogger(L.Callback):
             per_rank = trainer.strategy.reduce(per_rank.to(trainer.strategy.root_device), reduce_op="sum").cpu()
         return as_dict(per_rank.round().long() + replicated)
 
-    def _log(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         totals = self._totals(trainer)
         if totals is None:
             return
         self.last = totals
         for name in COUNTER_NAMES:
             if name in totals:
-                pl_module.log(f"data/{name}", float(totals[name]), on_step=True, on_epoch=False,
-                              rank_zero_only=True, batch_size=1)
+                pl_module.log(
+                    f"data/{name}", float(totals[name]), on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1
+                )
 
-    def on_train_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         every = self.every_n_steps or max(1, int(trainer.log_every_n_steps))
         if (trainer.global_step % every) == 0:
             self._log(trainer, pl_module)
 
-    def on_train_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         totals = self._totals(trainer)
         if totals is None:
             return
@@ -63,5 +65,12 @@ class SkippedSamplesLogger(L.Callback):
             summary = ", ".join(f"{k}={v}" for k, v in sorted(totals.items()))
             log.info("data: epoch %d sample counts: %s", trainer.current_epoch, summary)
         for name, value in totals.items():
-            pl_module.log(f"data/{name}", float(value), on_step=False, on_epoch=True, rank_zero_only=True,
-                          batch_size=1, reduce_fx="max")
+            pl_module.log(
+                f"data/{name}",
+                float(value),
+                on_step=False,
+                on_epoch=True,
+                rank_zero_only=True,
+                batch_size=1,
+                reduce_fx="max",
+            )

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -34,14 +35,17 @@ class CaptionReport:
     captioned: int = 0
     already_done: int = 0
     counts: dict[str, int] = field(default_factory=dict)
-    out: Optional[Path] = None
+    out: Path | None = None
 
 
 def list_images(folder: Path, recursive: bool = False) -> list[str]:
     """Image files under ``folder`` as sorted POSIX paths relative to it."""
     pattern = "**/*" if recursive else "*"
-    return sorted(p.relative_to(folder).as_posix() for p in folder.glob(pattern)
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.glob(pattern)
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
 
 
 def already_captioned(out: Path) -> set[str]:
@@ -58,8 +62,12 @@ def already_captioned(out: Path) -> set[str]:
     return {line.file for line in iter_captions_jsonl(out)}
 
 
-def load_blip2(model: str, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
-               local_files_only: Optional[bool] = None) -> tuple[Any, Any]:
+def load_blip2(
+    model: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    local_files_only: bool | None = None,
+) -> tuple[Any, Any]:
     """(processor, model) from a local directory or a hub id; offline failures are one clear UserError."""
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
@@ -69,33 +77,40 @@ def load_blip2(model: str, device: str | torch.device = "cpu", dtype: Optional[t
         raise UserError(f"--model: {model} is neither a local directory nor a hub id (owner/name)")
     offline = bool(os.environ.get("HF_HUB_OFFLINE")) if local_files_only is None else local_files_only
     attempts = [True] if (is_dir or offline) else [True, False]
-    last_error: Optional[Exception] = None
+    last_error: Exception | None = None
     for local_only in attempts:
         try:
             processor = Blip2Processor.from_pretrained(source, local_files_only=local_only)
-            network = Blip2ForConditionalGeneration.from_pretrained(source, local_files_only=local_only,
-                                                                     dtype=dtype or torch.float32)
+            network = Blip2ForConditionalGeneration.from_pretrained(
+                source, local_files_only=local_only, dtype=dtype or torch.float32
+            )
             return processor, network.to(device).eval()
         except (OSError, ValueError) as exc:
             last_error = exc
     where = "local directory" if is_dir else ("Hugging Face cache (offline)" if offline else "Hugging Face Hub")
     reason = str(last_error).splitlines()[0] if last_error else "unknown error"
-    raise UserError(f"--model: cannot load BLIP-2 {model!r} from the {where} ({reason}); pass --model with a "
-                    "local directory holding a Blip2ForConditionalGeneration + Blip2Processor")
+    raise UserError(
+        f"--model: cannot load BLIP-2 {model!r} from the {where} ({reason}); pass --model with a "
+        "local directory holding a Blip2ForConditionalGeneration + Blip2Processor"
+    )
 
 
 class Blip2Captioner:
     """Batched BLIP-2 captioning (greedy decoding, deterministic)."""
 
-    def __init__(self, processor: Any, model: Any, max_new_tokens: int = 30, prompt: Optional[str] = None) -> None:
+    def __init__(self, processor: Any, model: Any, max_new_tokens: int = 30, prompt: str | None = None) -> None:
         self.processor = processor
         self.model = model
         self.max_new_tokens = int(max_new_tokens)
         self.prompt = prompt
         tokenizer = processor.tokenizer
         # tokens a caption can never contain (a random or badly tuned model may emit them)
-        never = {tokenizer.bos_token_id, tokenizer.pad_token_id,
-                 getattr(model.config, "image_token_index", None), getattr(model.config, "image_token_id", None)}
+        never = {
+            tokenizer.bos_token_id,
+            tokenizer.pad_token_id,
+            getattr(model.config, "image_token_index", None),
+            getattr(model.config, "image_token_id", None),
+        }
         never.discard(None)
         never.discard(tokenizer.eos_token_id)
         self.suppress = sorted(int(t) for t in never)
@@ -109,8 +124,13 @@ class Blip2Captioner:
         device = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
         inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
-        generated = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                        num_beams=1, suppress_tokens=self.suppress or None)
+        generated = self.model.generate(
+            **inputs,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            suppress_tokens=self.suppress or None,
+        )
         if "input_ids" in inputs and generated.shape[1] > inputs["input_ids"].shape[1]:
             prompt_len = inputs["input_ids"].shape[1]
             if torch.equal(generated[:, :prompt_len], inputs["input_ids"]):
@@ -119,11 +139,22 @@ class Blip2Captioner:
         return [decode_caption(t)[0] or "" for t in texts]
 
 
-def caption_folder(folder: str | Path, out: str | Path, *, model: str = DEFAULT_CAPTION_MODEL,
-                   batch_size: int = 8, max_new_tokens: int = 30, prompt: Optional[str] = None,
-                   device: Optional[str] = None, dtype: Optional[str] = None, recursive: bool = False,
-                   max_pixels: int = DEFAULT_MAX_PIXELS, local_files_only: Optional[bool] = None,
-                   progress: bool = True, captioner: Optional[Blip2Captioner] = None) -> CaptionReport:
+def caption_folder(
+    folder: str | Path,
+    out: str | Path,
+    *,
+    model: str = DEFAULT_CAPTION_MODEL,
+    batch_size: int = 8,
+    max_new_tokens: int = 30,
+    prompt: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    recursive: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    local_files_only: bool | None = None,
+    progress: bool = True,
+    captioner: Blip2Captioner | None = None,
+) -> CaptionReport:
     """Caption every image of ``folder`` not yet in ``out`` (JSONL: ``{"file", "caption"}``)."""
     from tqdm.auto import tqdm
 
@@ -148,11 +179,13 @@ def caption_folder(folder: str | Path, out: str | Path, *, model: str = DEFAULT_
         captioner = Blip2Captioner(processor, network, max_new_tokens, prompt)
     counter = SampleCounter(1)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as handle, \
-            tqdm(total=len(todo), desc="caption", unit="img", disable=not progress) as bar:
+    with (
+        open(out, "a", encoding="utf-8") as handle,
+        tqdm(total=len(todo), desc="caption", unit="img", disable=not progress) as bar,
+    ):
         for start in range(0, len(todo), batch_size):
             names, images = [], []
-            for name in todo[start:start + batch_size]:
+            for name in todo[start : start + batch_size]:
                 try:
                     image, _, conversions = decode_image(folder / name, max_pixels=max_pixels)
                 except SampleSkipped as exc:
@@ -172,4 +205,3 @@ def caption_folder(folder: str | Path, out: str | Path, *, model: str = DEFAULT_
             bar.update(min(batch_size, len(todo) - start))
     report.counts = counter.totals()
     return report
-

@@ -19,7 +19,7 @@ import logging
 import random
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -41,7 +41,7 @@ def mask_path(mask_dir: Path, image_id: int, part: str) -> Path:
 def read_mapping(path: Path) -> dict[int, str]:
     """CelebA-HQ idx -> CelebA file name (e.g. ``119614.jpg``)."""
     mapping: dict[int, str] = {}
-    with open(path, "r", encoding="utf-8", errors="replace") as handle:
+    with open(path, encoding="utf-8", errors="replace") as handle:
         for line in handle:
             parts = line.split()
             if len(parts) >= 3 and parts[0].isdigit():
@@ -52,7 +52,7 @@ def read_mapping(path: Path) -> dict[int, str]:
 def read_identities(path: Path) -> dict[str, str]:
     """CelebA file name -> identity (``identity_CelebA.txt``)."""
     identities: dict[str, str] = {}
-    with open(path, "r", encoding="utf-8", errors="replace") as handle:
+    with open(path, encoding="utf-8", errors="replace") as handle:
         for line in handle:
             parts = line.split()
             if len(parts) == 2:
@@ -67,12 +67,12 @@ class FaceBox:
         self.mask_dir = mask_dir
         self.margin = margin
 
-    def __call__(self, record: Record, image: Image.Image, rng: Any) -> tuple[Optional[Box], list[str]]:
+    def __call__(self, record: Record, image: Image.Image, rng: Any) -> tuple[Box | None, list[str]]:
         try:
             image_id = int(Path(record.key).stem)
         except ValueError:
             return None, ["no_face_mask"]
-        union: Optional[np.ndarray] = None
+        union: np.ndarray | None = None
         for part in FACE_PARTS:
             path = mask_path(self.mask_dir, image_id, part)
             if not path.is_file():
@@ -100,11 +100,20 @@ class CelebAMaskHQDataModule(CaptionedFolderDataModule):
     name = "celebamask_hq"
     has_references = True
 
-    def __init__(self, root: Optional[str] = None, captions: str = "captions.jsonl",
-                 images_dir: str = "CelebA-HQ-img", masks_dir: str = "CelebAMask-HQ-mask-anno",
-                 mapping_file: str = "CelebA-HQ-to-CelebA-mapping.txt", identity_file: Optional[str] = None,
-                 val_identities: int = 100, reference_resolution: int = 224, reference_crop: str = "image",
-                 face_margin: float = 0.15, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        root: str | None = None,
+        captions: str = "captions.jsonl",
+        images_dir: str = "CelebA-HQ-img",
+        masks_dir: str = "CelebAMask-HQ-mask-anno",
+        mapping_file: str = "CelebA-HQ-to-CelebA-mapping.txt",
+        identity_file: str | None = None,
+        val_identities: int = 100,
+        reference_resolution: int = 224,
+        reference_crop: str = "image",
+        face_margin: float = 0.15,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if reference_crop not in ("image", "face"):
             raise UserError(f"data.reference_crop={reference_crop!r}: choose image or face")
@@ -127,7 +136,7 @@ class CelebAMaskHQDataModule(CaptionedFolderDataModule):
 
         build_celebamask_hq_demo(root)
 
-    def _check_source(self) -> Optional[Path]:
+    def _check_source(self) -> Path | None:
         self._check_root_images_captions("is data.root a CelebAMask-HQ folder?")
         return self.root
 
@@ -140,8 +149,10 @@ class CelebAMaskHQDataModule(CaptionedFolderDataModule):
         if self.identity_name:
             identity_path = self._path(self.identity_name)
             if not identity_path.is_file():
-                raise UserError(f"data.identity_file: {identity_path} does not exist; set it to CelebA's "
-                                "identity_CelebA.txt or to null (each image its own identity)")
+                raise UserError(
+                    f"data.identity_file: {identity_path} does not exist; set it to CelebA's "
+                    "identity_CelebA.txt or to null (each image its own identity)"
+                )
             identities = read_identities(identity_path)
         records = []
         for file, (path, caption) in entries.items():
@@ -151,21 +162,28 @@ class CelebAMaskHQDataModule(CaptionedFolderDataModule):
             group = identities.get(orig, "") if orig else ""
             records.append(Record(key=file, path=path, caption=caption, group=group or f"image:{file}"))
         if not records:
-            raise UserError(f"data.captions: no usable entry in {self._path(self.captions_name)} "
-                            f"(counts: {self.index_counter.totals()})")
+            raise UserError(
+                f"data.captions: no usable entry in {self._path(self.captions_name)} "
+                f"(counts: {self.index_counter.totals()})"
+            )
         records.sort(key=_natural_key)
         groups = sorted({r.group for r in records}, key=_natural_text)
         if self.val_identities >= len(groups):
-            raise UserError(f"data.val_identities={self.val_identities}: the dataset has only {len(groups)} "
-                            "identities; lower it")
+            raise UserError(
+                f"data.val_identities={self.val_identities}: the dataset has only {len(groups)} identities; lower it"
+            )
         held_out = set(random.Random(self.seed).sample(groups, self.val_identities)) if self.val_identities else set()
         self.train_records = [r for r in records if r.group not in held_out]
         self.val_records = [r for r in records if r.group in held_out]
-        log.info("data: CelebAMask-HQ %d train / %d val images (%d held-out identities)",
-                 len(self.train_records), len(self.val_records), len(held_out))
+        log.info(
+            "data: CelebAMask-HQ %d train / %d val images (%d held-out identities)",
+            len(self.train_records),
+            len(self.val_records),
+            len(held_out),
+        )
 
     # ---------------------------------------------------------------- datasets
-    def _reference_box(self) -> Optional[FaceBox]:
+    def _reference_box(self) -> FaceBox | None:
         return FaceBox(self._path(self.masks_name), self.face_margin) if self.reference_crop == "face" else None
 
     def _eval_order(self, records: list[Record]) -> list[Record]:
@@ -180,10 +198,16 @@ class CelebAMaskHQDataModule(CaptionedFolderDataModule):
         self.setup()
         captions = self._path(self.captions_name)
         st = captions.stat()
-        return {"dataset": self.name, "root": str(self.root.resolve()), "captions": [str(captions), st.st_size,
-                int(st.st_mtime)], "train": len(self.train_records), "val": len(self.val_records),
-                "val_identities": self.val_identities, "seed": self.seed,
-                "reference": [self.reference_crop, self.reference_resolution, self.face_margin]}
+        return {
+            "dataset": self.name,
+            "root": str(self.root.resolve()),
+            "captions": [str(captions), st.st_size, int(st.st_mtime)],
+            "train": len(self.train_records),
+            "val": len(self.val_records),
+            "val_identities": self.val_identities,
+            "seed": self.seed,
+            "reference": [self.reference_crop, self.reference_resolution, self.face_margin],
+        }
 
 
 def _natural_text(text: str) -> list[Any]:

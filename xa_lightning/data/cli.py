@@ -15,8 +15,8 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from xa_lightning.errors import UserError
 
@@ -25,20 +25,27 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xa-data", description="Dataset chores: demo data, captions, caches.")
     sub = parser.add_subparsers(dest="command", metavar="{demo,caption,cache}")
 
-    demo = sub.add_parser("demo", help="write the demo datasets in their real on-disk formats",
-                          description="Write the LAION (img2dataset shards), CelebAMask-HQ and OpenImages demo "
-                                      "datasets from images shipped in installed packages.")
+    demo = sub.add_parser(
+        "demo",
+        help="write the demo datasets in their real on-disk formats",
+        description="Write the LAION (img2dataset shards), CelebAMask-HQ and OpenImages demo "
+        "datasets from images shipped in installed packages.",
+    )
     demo.add_argument("--out", default=None, help="output folder (default: <repo>/data/demo)")
     demo.add_argument("--only", default=None, help="comma-separated subset of laion,celebamask_hq,openimages")
     demo.add_argument("--force", action="store_true", help="rebuild datasets that already exist")
 
-    caption = sub.add_parser("caption", help="caption a folder of images with BLIP-2 (resumable JSONL)",
-                             description="Write {\"file\", \"caption\"} lines for every image of DIR that is not "
-                                         "in --out yet, with a BLIP-2 model from transformers.")
+    caption = sub.add_parser(
+        "caption",
+        help="caption a folder of images with BLIP-2 (resumable JSONL)",
+        description='Write {"file", "caption"} lines for every image of DIR that is not '
+        "in --out yet, with a BLIP-2 model from transformers.",
+    )
     caption.add_argument("folder", help="folder of images")
     caption.add_argument("--out", required=True, help="captions JSONL (appended to; existing files are skipped)")
-    caption.add_argument("--model", default=None, help="BLIP-2 hub id or local directory "
-                                                        "(default: Salesforce/blip2-opt-2.7b)")
+    caption.add_argument(
+        "--model", default=None, help="BLIP-2 hub id or local directory (default: Salesforce/blip2-opt-2.7b)"
+    )
     caption.add_argument("--batch-size", type=int, default=8)
     caption.add_argument("--max-new-tokens", type=int, default=30)
     caption.add_argument("--prompt", default=None, help="optional text prompt (e.g. 'a photo of')")
@@ -48,11 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     caption.add_argument("--local-files-only", action="store_true", help="never download the model")
     caption.add_argument("--no-progress", action="store_true")
 
-    cache = sub.add_parser("cache", help="precompute VAE latents and text embeddings for a data config",
-                           description="Encode a dataset with a backbone's VAE and text encoder(s) into "
-                                       "safetensors shards that data.cache.enabled=true reads.")
-    cache.add_argument("overrides", nargs="*", help="data=<name> backbone=<name> and Hydra overrides "
-                                                    "(e.g. data.resolution=128 data.root=/x)")
+    cache = sub.add_parser(
+        "cache",
+        help="precompute VAE latents and text embeddings for a data config",
+        description="Encode a dataset with a backbone's VAE and text encoder(s) into "
+        "safetensors shards that data.cache.enabled=true reads.",
+    )
+    cache.add_argument(
+        "overrides",
+        nargs="*",
+        help="data=<name> backbone=<name> and Hydra overrides (e.g. data.resolution=128 data.root=/x)",
+    )
     cache.add_argument("--batch-size", type=int, default=None, help="encoding batch size (default: data's)")
     cache.add_argument("--device", default=None)
     cache.add_argument("--splits", default=None, help="comma-separated: train,val (default: data.cache.splits)")
@@ -95,7 +108,7 @@ def _demo(args: argparse.Namespace) -> int:
     from xa_lightning.data.demo import build_demo
 
     if args.out is None:
-        from xa_lightning.config import repo_root
+        from xa_lightning.paths import repo_root
 
         out = repo_root() / "data" / "demo"
     else:
@@ -109,13 +122,29 @@ def _demo(args: argparse.Namespace) -> int:
 def _caption(args: argparse.Namespace) -> int:
     from xa_lightning.data.captioning import DEFAULT_CAPTION_MODEL, caption_folder
 
-    report = caption_folder(args.folder, args.out, model=args.model or DEFAULT_CAPTION_MODEL,
-                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
-                            device=args.device, dtype=args.dtype, recursive=args.recursive,
-                            local_files_only=True if args.local_files_only else None,
-                            progress=not args.no_progress)
-    print(json.dumps({"out": str(report.out), "captioned": report.captioned, "already_done": report.already_done,
-                      "counts": report.counts}))
+    report = caption_folder(
+        args.folder,
+        args.out,
+        model=args.model or DEFAULT_CAPTION_MODEL,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        prompt=args.prompt,
+        device=args.device,
+        dtype=args.dtype,
+        recursive=args.recursive,
+        local_files_only=True if args.local_files_only else None,
+        progress=not args.no_progress,
+    )
+    print(
+        json.dumps(
+            {
+                "out": str(report.out),
+                "captioned": report.captioned,
+                "already_done": report.already_done,
+                "counts": report.counts,
+            }
+        )
+    )
     return 0
 
 
@@ -140,15 +169,28 @@ def _cache(args: argparse.Namespace) -> int:
         raise
     datamodule.prepare_data()
     splits = tuple(s.strip() for s in args.splits.split(",")) if args.splits else None
-    folder = build_cache(datamodule, cfg.backbone, batch_size=args.batch_size, device=args.device,
-                         progress=not args.no_progress, splits=splits)
+    folder = build_cache(
+        datamodule,
+        cfg.backbone,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+        splits=splits,
+    )
     manifest = json.loads((folder / "manifest.json").read_text())
-    print(json.dumps({"cache": str(folder), "splits": {k: v["count"] for k, v in manifest["splits"].items()},
-                      "counts": manifest.get("counts", {})}))
+    print(
+        json.dumps(
+            {
+                "cache": str(folder),
+                "splits": {k: v["count"] for k, v in manifest["splits"].items()},
+                "counts": manifest.get("counts", {}),
+            }
+        )
+    )
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``xa-data``; returns the exit status (UserError: message on stderr, status 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()

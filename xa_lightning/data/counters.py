@@ -9,7 +9,7 @@ shared-memory tensor with one row per process slot (row 0: the process that owns
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -17,34 +17,35 @@ log = logging.getLogger("xa_lightning.data")
 
 # Fixed order: the index of a name is its column in the shared tensor.
 SKIP_REASONS: tuple[str, ...] = (
-    "corrupt_image",      # not decodable / truncated image bytes
-    "too_large",          # more pixels than data.max_pixels (decompression-bomb guard)
-    "too_small",          # smaller than the training size and data.upscale_small=false
-    "missing_image",      # a sample (tar group / index row) without image bytes
-    "missing_caption",    # no caption at all
-    "empty_caption",      # caption is empty or whitespace
-    "missing_file",       # a captions / index file names an image that does not exist
-    "truncated_shard",    # a tar shard ends in the middle of a member
-    "unreadable_shard",   # a shard that cannot be opened or is not a tar file
-    "bad_metadata",       # unparsable json / parquet row
-    "filter_min_side",    # metadata filters (LAION)
+    "corrupt_image",  # not decodable / truncated image bytes
+    "too_large",  # more pixels than data.max_pixels (decompression-bomb guard)
+    "too_small",  # smaller than the training size and data.upscale_small=false
+    "missing_image",  # a sample (tar group / index row) without image bytes
+    "missing_caption",  # no caption at all
+    "empty_caption",  # caption is empty or whitespace
+    "missing_file",  # a captions / index file names an image that does not exist
+    "truncated_shard",  # a tar shard ends in the middle of a member
+    "unreadable_shard",  # a shard that cannot be opened or is not a tar file
+    "bad_metadata",  # unparsable json / parquet row
+    "filter_min_side",  # metadata filters (LAION)
     "filter_aesthetic",
     "filter_watermark",
     "filter_unsafe",
 )
 CONVERT_REASONS: tuple[str, ...] = (
-    "grayscale",          # L / 1 / LA images -> RGB
-    "cmyk",               # CMYK / YCbCr / LAB / HSV -> RGB
-    "alpha",              # RGBA / LA / transparent palette: composited on white
-    "palette",            # P -> RGB
-    "16bit",              # 16-bit (or 32-bit int / float) samples scaled to 8 bit
-    "upscaled",           # smaller than the training size, upscaled (data.upscale_small=true)
-    "caption_encoding",   # caption bytes were not UTF-8 (decoded as cp1252 / latin-1)
-    "no_object_box",      # object reference requested but the image has no usable box: whole image
-    "no_face_mask",       # face-crop reference requested but no mask: centre crop
+    "grayscale",  # L / 1 / LA images -> RGB
+    "cmyk",  # CMYK / YCbCr / LAB / HSV -> RGB
+    "alpha",  # RGBA / LA / transparent palette: composited on white
+    "palette",  # P -> RGB
+    "16bit",  # 16-bit (or 32-bit int / float) samples scaled to 8 bit
+    "upscaled",  # smaller than the training size, upscaled (data.upscale_small=true)
+    "caption_encoding",  # caption bytes were not UTF-8 (decoded as cp1252 / latin-1)
+    "no_object_box",  # object reference requested but the image has no usable box: whole image
+    "no_face_mask",  # face-crop reference requested but no mask: centre crop
 )
 COUNTER_NAMES: tuple[str, ...] = tuple(f"skipped_{r}" for r in SKIP_REASONS) + tuple(
-    f"converted_{r}" for r in CONVERT_REASONS)
+    f"converted_{r}" for r in CONVERT_REASONS
+)
 _INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
 
 
@@ -87,8 +88,12 @@ class SampleCounter:
         self._counts[_current_slot() % self.slots, column] += n
         if name not in self._warned:
             self._warned.add(name)
-            log.warning("data: %s%s (further ones are only counted; see data/%s)",
-                        name.replace("_", " ", 1), f" ({detail})" if detail else "", name)
+            log.warning(
+                "data: %s%s (further ones are only counted; see data/%s)",
+                name.replace("_", " ", 1),
+                f" ({detail})" if detail else "",
+                name,
+            )
         elif detail:
             log.debug("data: %s (%s)", name, detail)
 

@@ -24,9 +24,9 @@ import json
 import os
 import shutil
 import tempfile
-from functools import lru_cache
+from collections.abc import Callable
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance
@@ -125,48 +125,100 @@ FACE_CAPTIONS: list[str] = [
 ]
 COLOR_FACES: dict[str, tuple[tuple[int, int, int, int], list[str]]] = {
     # source -> (crop box in the source image, captions of its two images)
-    "astronaut": ((120, 0, 330, 210), ["a smiling woman with short curly brown hair in an orange spacesuit",
-                                       "a woman astronaut with curly hair smiling, an american flag behind her"]),
-    "grace_hopper": ((120, 40, 400, 320), ["an elderly woman with grey hair in a navy uniform and cap",
-                                          "an old woman in a naval officer's hat looking at the camera"]),
+    "astronaut": (
+        (120, 0, 330, 210),
+        [
+            "a smiling woman with short curly brown hair in an orange spacesuit",
+            "a woman astronaut with curly hair smiling, an american flag behind her",
+        ],
+    ),
+    "grace_hopper": (
+        (120, 40, 400, 320),
+        [
+            "an elderly woman with grey hair in a navy uniform and cap",
+            "an old woman in a naval officer's hat looking at the camera",
+        ],
+    ),
 }
 
 # OpenImages demo: source -> (captions of the two images, boxes: (MID, XMin, XMax, YMin, YMax, IsGroupOf))
 OPENIMAGES_CLASSES = {
-    "/m/01g317": "Person", "/m/0dzct": "Human face", "/m/03120": "Flag", "/m/09rvcxw": "Rocket",
-    "/m/0zvk5": "Helmet", "/m/01yrx": "Cat", "/m/02p5f1q": "Coffee cup", "/m/03q5c7": "Saucer",
-    "/m/0cmx8": "Spoon", "/m/0dv5r": "Camera", "/m/073bxn": "Tripod", "/m/0cgh4": "Building",
-    "/m/07j7r": "Tree", "/m/0c9ph5": "Flower", "/m/0ch_cf": "Fish", "/m/0k4j": "Car",
+    "/m/01g317": "Person",
+    "/m/0dzct": "Human face",
+    "/m/03120": "Flag",
+    "/m/09rvcxw": "Rocket",
+    "/m/0zvk5": "Helmet",
+    "/m/01yrx": "Cat",
+    "/m/02p5f1q": "Coffee cup",
+    "/m/03q5c7": "Saucer",
+    "/m/0cmx8": "Spoon",
+    "/m/0dv5r": "Camera",
+    "/m/073bxn": "Tripod",
+    "/m/0cgh4": "Building",
+    "/m/07j7r": "Tree",
+    "/m/0c9ph5": "Flower",
+    "/m/0ch_cf": "Fish",
+    "/m/0k4j": "Car",
 }
 OPENIMAGES_SOURCES: dict[str, tuple[list[str], list[tuple[str, float, float, float, float, int]]]] = {
-    "astronaut": (["a woman in an orange space suit posing with a helmet",
-                   "an astronaut smiling in front of an american flag"],
-                  [("/m/01g317", 0.02, 0.72, 0.03, 1.0, 0), ("/m/0dzct", 0.33, 0.55, 0.05, 0.32, 0),
-                   ("/m/03120", 0.0, 0.18, 0.0, 0.85, 0), ("/m/09rvcxw", 0.69, 0.93, 0.0, 0.55, 0),
-                   ("/m/0zvk5", 0.54, 1.0, 0.66, 1.0, 0)]),
-    "chelsea": (["a close up of a cat with green eyes", "a tabby cat looking at the camera"],
-                [("/m/01yrx", 0.0, 1.0, 0.0, 1.0, 0)]),
-    "coffee": (["a red cup of coffee on a saucer with a spoon", "an espresso cup on a wooden table"],
-               [("/m/02p5f1q", 0.28, 0.74, 0.03, 0.62, 0), ("/m/03q5c7", 0.06, 0.84, 0.18, 0.98, 0),
-                ("/m/0cmx8", 0.52, 0.70, 0.36, 0.68, 0)]),
-    "rocket": (["a rocket sitting on a launch pad at night", "a tall rocket lit up by lights before launch"],
-               [("/m/09rvcxw", 0.45, 0.55, 0.15, 0.97, 0)]),
-    "camera": (["a man taking a picture with a camera on a tripod", "a black and white photo of a photographer"],
-               [("/m/01g317", 0.0, 0.60, 0.14, 1.0, 0), ("/m/0dv5r", 0.48, 0.66, 0.25, 0.42, 0),
-                ("/m/073bxn", 0.55, 0.82, 0.38, 0.98, 0)]),
-    "china": (["a pagoda on top of a hill next to a lake", "a chinese temple surrounded by trees"],
-              [("/m/0cgh4", 0.04, 0.58, 0.02, 0.98, 0), ("/m/07j7r", 0.70, 1.0, 0.33, 1.0, 1),
-               ("/m/07j7r", 0.0, 0.20, 0.45, 1.0, 0)]),
-    "flower": (["an orange flower with green leaves in the background", "a dahlia blooming in a garden"],
-               [("/m/0c9ph5", 0.27, 0.73, 0.12, 0.86, 0), ("/m/0c9ph5", 0.50, 0.74, 0.86, 1.0, 0)]),
-    "grace_hopper": (["an old woman in a navy uniform posing for a picture",
-                      "a portrait of a female naval officer"],
-                     [("/m/01g317", 0.0, 1.0, 0.02, 1.0, 0), ("/m/0dzct", 0.27, 0.75, 0.10, 0.52, 0),
-                      ("/m/03120", 0.0, 0.28, 0.0, 0.45, 0)]),
+    "astronaut": (
+        ["a woman in an orange space suit posing with a helmet", "an astronaut smiling in front of an american flag"],
+        [
+            ("/m/01g317", 0.02, 0.72, 0.03, 1.0, 0),
+            ("/m/0dzct", 0.33, 0.55, 0.05, 0.32, 0),
+            ("/m/03120", 0.0, 0.18, 0.0, 0.85, 0),
+            ("/m/09rvcxw", 0.69, 0.93, 0.0, 0.55, 0),
+            ("/m/0zvk5", 0.54, 1.0, 0.66, 1.0, 0),
+        ],
+    ),
+    "chelsea": (
+        ["a close up of a cat with green eyes", "a tabby cat looking at the camera"],
+        [("/m/01yrx", 0.0, 1.0, 0.0, 1.0, 0)],
+    ),
+    "coffee": (
+        ["a red cup of coffee on a saucer with a spoon", "an espresso cup on a wooden table"],
+        [
+            ("/m/02p5f1q", 0.28, 0.74, 0.03, 0.62, 0),
+            ("/m/03q5c7", 0.06, 0.84, 0.18, 0.98, 0),
+            ("/m/0cmx8", 0.52, 0.70, 0.36, 0.68, 0),
+        ],
+    ),
+    "rocket": (
+        ["a rocket sitting on a launch pad at night", "a tall rocket lit up by lights before launch"],
+        [("/m/09rvcxw", 0.45, 0.55, 0.15, 0.97, 0)],
+    ),
+    "camera": (
+        ["a man taking a picture with a camera on a tripod", "a black and white photo of a photographer"],
+        [
+            ("/m/01g317", 0.0, 0.60, 0.14, 1.0, 0),
+            ("/m/0dv5r", 0.48, 0.66, 0.25, 0.42, 0),
+            ("/m/073bxn", 0.55, 0.82, 0.38, 0.98, 0),
+        ],
+    ),
+    "china": (
+        ["a pagoda on top of a hill next to a lake", "a chinese temple surrounded by trees"],
+        [
+            ("/m/0cgh4", 0.04, 0.58, 0.02, 0.98, 0),
+            ("/m/07j7r", 0.70, 1.0, 0.33, 1.0, 1),
+            ("/m/07j7r", 0.0, 0.20, 0.45, 1.0, 0),
+        ],
+    ),
+    "flower": (
+        ["an orange flower with green leaves in the background", "a dahlia blooming in a garden"],
+        [("/m/0c9ph5", 0.27, 0.73, 0.12, 0.86, 0), ("/m/0c9ph5", 0.50, 0.74, 0.86, 1.0, 0)],
+    ),
+    "grace_hopper": (
+        ["an old woman in a navy uniform posing for a picture", "a portrait of a female naval officer"],
+        [
+            ("/m/01g317", 0.0, 1.0, 0.02, 1.0, 0),
+            ("/m/0dzct", 0.27, 0.75, 0.10, 0.52, 0),
+            ("/m/03120", 0.0, 0.28, 0.0, 0.45, 0),
+        ],
+    ),
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def source_image(name: str) -> np.ndarray:
     """An RGB uint8 image shipped inside an installed package (no download)."""
     if name in ("china", "flower"):
@@ -225,8 +277,9 @@ def _augment(image: Image.Image, rng: np.random.Generator, min_area: float = 0.5
 
 def _resize_short(image: Image.Image, short: int) -> Image.Image:
     scale = short / min(image.size)
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                        Image.Resampling.LANCZOS)
+    return image.resize(
+        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS
+    )
 
 
 def _atomic_build(root: Path, write: Callable[[Path], None]) -> Path:
@@ -298,7 +351,7 @@ def _laion_samples(num_shards: int, per_shard: int, seed: int) -> list[list[dict
                 "exif": "{}",
                 "sha256": hashlib.sha256(jpeg).hexdigest(),
                 "similarity": float(np.round(rng.uniform(0.28, 0.42), 4)),
-                "hash": int(rng.integers(-2**62, 2**62)),
+                "hash": int(rng.integers(-(2**62), 2**62)),
                 "punsafe": punsafe,
                 "pwatermark": pwatermark,
                 "aesthetic": aesthetic,
@@ -318,19 +371,39 @@ def build_laion_demo(root: Path, *, num_shards: int = 2, per_shard: int = 20, se
         for shard, rows in enumerate(_laion_samples(num_shards, per_shard, seed)):
             with TarWriter(str(out / f"{shard:05d}.tar"), encoder=False, mtime=FIXED_MTIME) as writer:
                 for row in rows:
-                    writer.write({"__key__": row["key"], "jpg": row["jpg"], "txt": row["txt"].encode("utf-8"),
-                                  "json": json.dumps(row["json"]).encode("utf-8")})
+                    writer.write(
+                        {
+                            "__key__": row["key"],
+                            "jpg": row["jpg"],
+                            "txt": row["txt"].encode("utf-8"),
+                            "json": json.dumps(row["json"]).encode("utf-8"),
+                        }
+                    )
             records = [dict(row["json"]) for row in rows]
             for failed in range(2):
                 key = f"{shard:05d}{per_shard + failed:04d}"
-                records.append({**{k: None for k in records[0]}, "key": key, "status": "failed_to_download",
-                                "url": f"https://images.example.org/demo/missing/{key}.jpg",
-                                "caption": "an image that could not be downloaded",
-                                "error_message": "HTTP Error 404: Not Found"})
+                records.append(
+                    {
+                        **{k: None for k in records[0]},
+                        "key": key,
+                        "status": "failed_to_download",
+                        "url": f"https://images.example.org/demo/missing/{key}.jpg",
+                        "caption": "an image that could not be downloaded",
+                        "error_message": "HTTP Error 404: Not Found",
+                    }
+                )
             pq.write_table(pa.Table.from_pylist(records), out / f"{shard:05d}.parquet")
-            (out / f"{shard:05d}_stats.json").write_text(json.dumps({
-                "count": len(records), "successes": len(rows), "failed_to_download": 2,
-                "failed_to_resize": 0, "status_dict": {"success": len(rows), "HTTP Error 404: Not Found": 2}}))
+            (out / f"{shard:05d}_stats.json").write_text(
+                json.dumps(
+                    {
+                        "count": len(records),
+                        "successes": len(rows),
+                        "failed_to_download": 2,
+                        "failed_to_resize": 0,
+                        "status_dict": {"success": len(rows), "HTTP Error 404: Not Found": 2},
+                    }
+                )
+            )
 
     return _atomic_build(root, write)
 
@@ -338,23 +411,29 @@ def build_laion_demo(root: Path, *, num_shards: int = 2, per_shard: int = 20, se
 # ------------------------------------------------------------------------------------------ CelebAMask-HQ
 def _face_masks(size: int) -> dict[str, Image.Image]:
     """Part masks of an aligned face (CelebAMask-HQ stores each part as a binary PNG)."""
+
     def ellipse(cx: float, cy: float, rx: float, ry: float) -> Image.Image:
         mask = Image.new("L", (size, size), 0)
-        ImageDraw.Draw(mask).ellipse([(cx - rx) * size, (cy - ry) * size, (cx + rx) * size, (cy + ry) * size],
-                                     fill=255)
+        ImageDraw.Draw(mask).ellipse([(cx - rx) * size, (cy - ry) * size, (cx + rx) * size, (cy + ry) * size], fill=255)
         return mask
 
     return {
-        "skin": ellipse(0.5, 0.52, 0.30, 0.38), "l_eye": ellipse(0.38, 0.45, 0.05, 0.025),
-        "r_eye": ellipse(0.62, 0.45, 0.05, 0.025), "l_brow": ellipse(0.37, 0.39, 0.08, 0.02),
-        "r_brow": ellipse(0.63, 0.39, 0.08, 0.02), "nose": ellipse(0.5, 0.56, 0.05, 0.08),
-        "u_lip": ellipse(0.5, 0.70, 0.09, 0.02), "l_lip": ellipse(0.5, 0.73, 0.09, 0.025),
-        "hair": ellipse(0.5, 0.12, 0.40, 0.15), "neck": ellipse(0.5, 0.97, 0.2, 0.1),
+        "skin": ellipse(0.5, 0.52, 0.30, 0.38),
+        "l_eye": ellipse(0.38, 0.45, 0.05, 0.025),
+        "r_eye": ellipse(0.62, 0.45, 0.05, 0.025),
+        "l_brow": ellipse(0.37, 0.39, 0.08, 0.02),
+        "r_brow": ellipse(0.63, 0.39, 0.08, 0.02),
+        "nose": ellipse(0.5, 0.56, 0.05, 0.08),
+        "u_lip": ellipse(0.5, 0.70, 0.09, 0.02),
+        "l_lip": ellipse(0.5, 0.73, 0.09, 0.025),
+        "hair": ellipse(0.5, 0.12, 0.40, 0.15),
+        "neck": ellipse(0.5, 0.97, 0.2, 0.1),
     }
 
 
 def build_celebamask_hq_demo(root: Path, *, image_size: int = 128, seed: int = 0) -> Path:
     """22 identities x 2 images in the CelebAMask-HQ layout, captions.jsonl and CelebA's identity file."""
+
     def write(out: Path) -> None:
         rng = np.random.default_rng(seed)
         images_dir = out / "CelebA-HQ-img"
@@ -363,13 +442,21 @@ def build_celebamask_hq_demo(root: Path, *, image_size: int = 128, seed: int = 0
         faces: list[tuple[Image.Image, list[str]]] = []
         for i, caption in enumerate(FACE_CAPTIONS):
             gray = Image.fromarray((lfw_faces()[i] * 255).astype(np.uint8)).resize(
-                (image_size, image_size), Image.Resampling.BICUBIC)
-            faces.append((gray.convert("RGB"),
-                          [f"a black and white {caption[2:] if caption.startswith('a ') else caption}",
-                           f"a sepia-toned {caption[2:] if caption.startswith('a ') else caption}"]))
+                (image_size, image_size), Image.Resampling.BICUBIC
+            )
+            faces.append(
+                (
+                    gray.convert("RGB"),
+                    [
+                        f"a black and white {caption[2:] if caption.startswith('a ') else caption}",
+                        f"a sepia-toned {caption[2:] if caption.startswith('a ') else caption}",
+                    ],
+                )
+            )
         for name, (box, captions) in COLOR_FACES.items():
-            face = Image.fromarray(source_image(name)).crop(box).resize((image_size, image_size),
-                                                                        Image.Resampling.LANCZOS)
+            face = (
+                Image.fromarray(source_image(name)).crop(box).resize((image_size, image_size), Image.Resampling.LANCZOS)
+            )
             faces.append((face, captions))
         masks = _face_masks(image_size // 2)
         mapping_lines = ["idx         orig_idx    orig_file"]
@@ -380,11 +467,11 @@ def build_celebamask_hq_demo(root: Path, *, image_size: int = 128, seed: int = 0
             for variant in range(2):
                 image = face
                 if variant == 1:  # the same person again: shifted, flipped, toned
-                    image = _augment(face, rng, min_area=0.8).resize((image_size, image_size),
-                                                                     Image.Resampling.BICUBIC)
+                    image = _augment(face, rng, min_area=0.8).resize((image_size, image_size), Image.Resampling.BICUBIC)
                     if identity <= len(FACE_CAPTIONS):
-                        sepia = np.asarray(image.convert("L"), dtype=np.float32)[..., None] * \
-                            np.array([1.07, 0.94, 0.74], dtype=np.float32)
+                        sepia = np.asarray(image.convert("L"), dtype=np.float32)[..., None] * np.array(
+                            [1.07, 0.94, 0.74], dtype=np.float32
+                        )
                         image = Image.fromarray(np.clip(sepia, 0, 255).astype(np.uint8))
                 (images_dir / f"{image_id}.jpg").write_bytes(_jpeg(image, 95))
                 mask_dir = masks_root / str(image_id // 2000)
@@ -405,8 +492,21 @@ def build_celebamask_hq_demo(root: Path, *, image_size: int = 128, seed: int = 0
 
 
 # ------------------------------------------------------------------------------------------ OpenImages
-BOX_HEADER = ["ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax", "IsOccluded",
-              "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside"]
+BOX_HEADER = [
+    "ImageID",
+    "Source",
+    "LabelName",
+    "Confidence",
+    "XMin",
+    "XMax",
+    "YMin",
+    "YMax",
+    "IsOccluded",
+    "IsTruncated",
+    "IsGroupOf",
+    "IsDepiction",
+    "IsInside",
+]
 
 
 def _image_id(name: str, variant: int) -> str:
@@ -415,6 +515,7 @@ def _image_id(name: str, variant: int) -> str:
 
 def build_openimages_demo(root: Path, *, long_side: int = 256, seed: int = 0) -> Path:
     """16 images (8 scenes x 2 views) with OpenImages box CSV, class CSV and captions.jsonl."""
+
     def write(out: Path) -> None:
         rng = np.random.default_rng(seed)
         images_dir = out / "train"
@@ -438,12 +539,28 @@ def build_openimages_demo(root: Path, *, long_side: int = 256, seed: int = 0) ->
                             kept.append((mid, round(1 - a1, 4), round(1 - a0, 4), y0, y1, group))
                     view_boxes = kept
                 scale = long_side / max(image.size)
-                image = image.resize((round(image.width * scale), round(image.height * scale)),
-                                     Image.Resampling.LANCZOS)
+                image = image.resize(
+                    (round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS
+                )
                 (images_dir / f"{image_id}.jpg").write_bytes(_jpeg(image, int(rng.integers(85, 96))))
                 for mid, x0, x1, y0, y1, group in view_boxes:
-                    box_rows.append([image_id, "xclick", mid, 1, f"{x0:.6f}", f"{x1:.6f}", f"{y0:.6f}",
-                                     f"{y1:.6f}", 0, int(x0 <= 0.0 or x1 >= 1.0), group, 0, 0])
+                    box_rows.append(
+                        [
+                            image_id,
+                            "xclick",
+                            mid,
+                            1,
+                            f"{x0:.6f}",
+                            f"{x1:.6f}",
+                            f"{y0:.6f}",
+                            f"{y1:.6f}",
+                            0,
+                            int(x0 <= 0.0 or x1 >= 1.0),
+                            group,
+                            0,
+                            0,
+                        ]
+                    )
                 captions_lines.append(json.dumps({"file": f"{image_id}.jpg", "caption": captions[variant]}))
         with open(out / "oidv6-train-annotations-bbox.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
@@ -465,7 +582,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
 }
 
 
-def build_demo(out: Path, only: Optional[list[str]] = None, force: bool = False) -> dict[str, Path]:
+def build_demo(out: Path, only: list[str] | None = None, force: bool = False) -> dict[str, Path]:
     """Write the demo datasets under ``out`` (``out/laion``, ``out/celebamask_hq``, ``out/openimages``).
 
     Existing datasets are kept unless ``force`` (then rebuilt).

@@ -8,7 +8,6 @@ import re
 import struct
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -68,8 +67,9 @@ def _to_rgb(image: Image.Image, conversions: list[str]) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes | Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 min_side_hint: Optional[int] = None) -> tuple[Image.Image, tuple[int, int], list[str]]:
+def decode_image(
+    data: bytes | Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side_hint: int | None = None
+) -> tuple[Image.Image, tuple[int, int], list[str]]:
     """Decode image bytes (or a file) to an RGB PIL image.
 
     Returns ``(image, (original_height, original_width), conversions)``. ``min_side_hint``: the smallest
@@ -97,8 +97,16 @@ def decode_image(data: bytes | Path | str, *, max_pixels: int = DEFAULT_MAX_PIXE
         raise
     except Image.DecompressionBombError as exc:
         raise SampleSkipped("too_large", str(exc).splitlines()[0]) from exc
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError, Image.UnidentifiedImageError,
-            MemoryError, struct.error) as exc:
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        TypeError,
+        EOFError,
+        Image.UnidentifiedImageError,
+        MemoryError,
+        struct.error,
+    ) as exc:
         raise SampleSkipped("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
     try:
         transposed = ImageOps.exif_transpose(image)
@@ -116,7 +124,7 @@ def decode_image(data: bytes | Path | str, *, max_pixels: int = DEFAULT_MAX_PIXE
     return rgb, (height, width), conversions
 
 
-def decode_caption(raw: bytes | str | None) -> tuple[Optional[str], list[str]]:
+def decode_caption(raw: bytes | str | None) -> tuple[str | None, list[str]]:
     """Caption bytes to text: UTF-8 (BOM allowed), else cp1252, else latin-1; whitespace collapsed.
 
     Returns ``(caption or None, conversions)``; ``None`` means there was no caption at all.

@@ -14,6 +14,7 @@ slot reads all shards and keeps every ``n_slots``-th sample.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import json
@@ -21,9 +22,10 @@ import logging
 import os
 import random
 import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -57,7 +59,7 @@ def _first(meta: Mapping[str, Any], field_name: str) -> Any:
     return None
 
 
-def _number(value: Any) -> Optional[float]:
+def _number(value: Any) -> float | None:
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -70,20 +72,21 @@ class LaionFilters:
     """Metadata filters. LAION-Aesthetics 6+ is ``min_aesthetic: 6``; a sample missing a field that a
     filter needs fails that filter (it cannot be shown to pass)."""
 
-    min_side: Optional[int] = None         # original min(width, height) >= min_side
-    min_aesthetic: Optional[float] = None  # aesthetic score >= min_aesthetic
-    max_pwatermark: Optional[float] = None # watermark probability <= max_pwatermark
-    max_punsafe: Optional[float] = None    # NSFW probability <= max_punsafe
+    min_side: int | None = None  # original min(width, height) >= min_side
+    min_aesthetic: float | None = None  # aesthetic score >= min_aesthetic
+    max_pwatermark: float | None = None  # watermark probability <= max_pwatermark
+    max_punsafe: float | None = None  # NSFW probability <= max_punsafe
 
     @classmethod
-    def from_any(cls, value: Any) -> "LaionFilters":
+    def from_any(cls, value: Any) -> LaionFilters:
         value = plain(value) or {}
         if isinstance(value, LaionFilters):
             return value
         unknown = sorted(set(value) - set(cls.__dataclass_fields__))
         if unknown:
-            raise UserError(f"data.filters.{unknown[0]} is not a LAION filter; known: "
-                            f"{', '.join(cls.__dataclass_fields__)}")
+            raise UserError(
+                f"data.filters.{unknown[0]} is not a LAION filter; known: {', '.join(cls.__dataclass_fields__)}"
+            )
         return cls(**value)
 
     def check(self, meta: Mapping[str, Any]) -> bool:
@@ -139,7 +142,7 @@ def expand_urls(urls: Any, key: str = "data.urls") -> list[str]:
     return out
 
 
-def parquet_beside(url: str) -> Optional[Path]:
+def parquet_beside(url: str) -> Path | None:
     if is_remote(url):
         return None
     path = Path(url[5:] if url.startswith("file:") else url)
@@ -208,10 +211,8 @@ class ShardReader:
             reason = "skipped_truncated_shard" if produced else "skipped_unreadable_shard"
             self.counter.add(reason, detail=f"{url} after {produced} files: {type(exc).__name__}: {exc}")
         finally:
-            try:
+            with contextlib.suppress(Exception):
                 stream.close()
-            except Exception:
-                pass
         yield {}  # end-of-shard marker: group_by_keys never joins files of two shards
 
     def samples(self, urls: Sequence[str]) -> Iterator[dict[str, Any]]:
@@ -262,11 +263,27 @@ def raw_caption(raw: Mapping[str, Any], meta: Mapping[str, Any]) -> Any:
 class LaionShards(IterableDataset):
     """Batches (or single samples) from img2dataset shards; see the module docstring for placement."""
 
-    def __init__(self, urls: Sequence[str], *, views: ImageViews, counter: SampleCounter,
-                 filters: LaionFilters, seed: int, batch_size: int, batches_per_rank: Optional[int],
-                 rank: int = 0, world_size: int = 1, split: str = "train", val_fraction: float = 0.0,
-                 shuffle: bool = True, shuffle_buffer: int = 1000, cycle: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, use_parquet: bool = True, partial: bool = False) -> None:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        views: ImageViews,
+        counter: SampleCounter,
+        filters: LaionFilters,
+        seed: int,
+        batch_size: int,
+        batches_per_rank: int | None,
+        rank: int = 0,
+        world_size: int = 1,
+        split: str = "train",
+        val_fraction: float = 0.0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        cycle: bool = True,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        use_parquet: bool = True,
+        partial: bool = False,
+    ) -> None:
         super().__init__()
         if not urls:
             raise UserError("data.urls: no shards to read")
@@ -302,7 +319,7 @@ class LaionShards(IterableDataset):
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         return self.rank * workers + worker, self.world_size * workers, worker, workers
 
-    def _my_batches(self, worker: int, workers: int) -> Optional[int]:
+    def _my_batches(self, worker: int, workers: int) -> int | None:
         if self.batches_per_rank is None:
             return None
         base, extra = divmod(self.batches_per_rank, workers)
@@ -356,8 +373,9 @@ class LaionShards(IterableDataset):
         meta = sample_metadata(raw)
         size_known = self.filters.check(meta)
         caption, caption_conv = require_caption(raw_caption(raw, meta))
-        image, original_size, conversions = decode_image(raw_image_bytes(raw), max_pixels=self.max_pixels,
-                                                         min_side_hint=self.views.largest)
+        image, original_size, conversions = decode_image(
+            raw_image_bytes(raw), max_pixels=self.max_pixels, min_side_hint=self.views.largest
+        )
         if not size_known:  # img2dataset may have resized: the metadata's original size wins when present
             self.filters.check_decoded(original_size)
         rng = sample_rng(self.seed, epoch, zlib.crc32(key.encode("utf-8")))
@@ -384,9 +402,11 @@ class LaionShards(IterableDataset):
             if produced == 0:
                 mine, _ = self._assigned(epoch, slot, slots)
                 counts = ", ".join(f"{k}={v}" for k, v in sorted(self.counter.totals().items())) or "none"
-                raise UserError(f"data.urls: the {self.split} shards of this process ({len(mine)} of "
-                                f"{len(self.urls)}, e.g. {mine[0] if mine else self.urls[0]}) hold no usable "
-                                f"samples (counts: {counts}); check the shards, data.filters and data.val_fraction")
+                raise UserError(
+                    f"data.urls: the {self.split} shards of this process ({len(mine)} of "
+                    f"{len(self.urls)}, e.g. {mine[0] if mine else self.urls[0]}) hold no usable "
+                    f"samples (counts: {counts}); check the shards, data.filters and data.val_fraction"
+                )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot, slots, worker, workers = self._slot()
@@ -422,11 +442,19 @@ class LaionDataModule(ImageTextDataModule):
 
     name = "laion"
 
-    def __init__(self, urls: Any = None, root: Optional[str] = None, val_urls: Any = None,
-                 val_fraction: float = 0.02, val_samples: Optional[int] = 256, epoch_samples: Optional[int] = None,
-                 filters: LaionFilters | Mapping[str, Any] | None = None, shuffle_buffer: int = 1000,
-                 use_parquet: bool = True,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        urls: Any = None,
+        root: str | None = None,
+        val_urls: Any = None,
+        val_fraction: float = 0.02,
+        val_samples: int | None = 256,
+        epoch_samples: int | None = None,
+        filters: LaionFilters | Mapping[str, Any] | None = None,
+        shuffle_buffer: int = 1000,
+        use_parquet: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.urls_spec = plain(urls)
         self.root = str(root) if root else None
@@ -442,7 +470,7 @@ class LaionDataModule(ImageTextDataModule):
         self._counted: dict[str, int] = {}
 
     # ---------------------------------------------------------------- source
-    def _demo_root(self) -> Optional[Path]:
+    def _demo_root(self) -> Path | None:
         return Path(self.root) if self.root else None
 
     def _build_demo(self, root: Path) -> None:
@@ -465,23 +493,27 @@ class LaionDataModule(ImageTextDataModule):
         local = [u for u in urls if not is_remote(u)]
         missing = [u for u in local if not Path(u[5:] if u.startswith("file:") else u).exists()]
         if local and len(missing) == len(local) and len(local) == len(urls):
-            raise UserError(f"data.urls: {missing[0]} does not exist (none of the {len(urls)} shards do); "
-                            "fix data.urls or run xa-data demo")
+            raise UserError(
+                f"data.urls: {missing[0]} does not exist (none of the {len(urls)} shards do); "
+                "fix data.urls or run xa-data demo"
+            )
         val = expand_urls(self.val_urls_spec, "data.val_urls") if self.val_urls_spec else []
         return urls, val
 
-    def _check_source(self) -> Optional[Path]:
+    def _check_source(self) -> Path | None:
         self._resolve_urls()
         return None
 
     def _setup_index(self) -> None:
         self.train_urls, self.val_urls = self._resolve_urls()
         if not self.val_urls and self.val_fraction <= 0:
-            log.warning("data: no validation split (data.val_urls unset, data.val_fraction=0); "
-                        "evaluation reads training samples")
+            log.warning(
+                "data: no validation split (data.val_urls unset, data.val_fraction=0); "
+                "evaluation reads training samples"
+            )
 
     # ---------------------------------------------------------------- counting
-    def _count(self, split: str) -> Optional[int]:
+    def _count(self, split: str) -> int | None:
         """Samples of a split from the parquet files (after filters and hold-out); None if not countable."""
         if split in self._counted:
             return self._counted[split]
@@ -496,9 +528,11 @@ class LaionDataModule(ImageTextDataModule):
                     self.filters.check(row)
                 except SampleSkipped:
                     continue
-                if self.val_urls or self.val_fraction <= 0:
-                    total += 1
-                elif (holdout_value(key) < self.val_fraction) == (split == "val"):
+                if (
+                    self.val_urls
+                    or self.val_fraction <= 0
+                    or (holdout_value(key) < self.val_fraction) == (split == "val")
+                ):
                     total += 1
         self._counted[split] = total
         return total
@@ -509,8 +543,10 @@ class LaionDataModule(ImageTextDataModule):
             return self.epoch_samples
         counted = self._count("train")
         if counted is None:
-            raise UserError("data.epoch_samples is not set and the shards have no local .parquet to count "
-                            "samples from; set data.epoch_samples=N (samples per epoch, all ranks)")
+            raise UserError(
+                "data.epoch_samples is not set and the shards have no local .parquet to count "
+                "samples from; set data.epoch_samples=N (samples per epoch, all ranks)"
+            )
         if counted == 0:
             raise UserError(f"data: no training sample passes the filters ({self.filters}) in data.urls")
         return counted
@@ -520,21 +556,54 @@ class LaionDataModule(ImageTextDataModule):
         return per_rank_batches(self.epoch_length(), world, self.batch_size)
 
     # ---------------------------------------------------------------- datasets
-    def _dataset(self, split: str, *, counter: SampleCounter, views: ImageViews, batch_size: int,
-                 batches_per_rank: Optional[int], shuffle: bool, cycle: bool, rank: int, world: int,
-                 partial: bool = False) -> LaionShards:
+    def _dataset(
+        self,
+        split: str,
+        *,
+        counter: SampleCounter,
+        views: ImageViews,
+        batch_size: int,
+        batches_per_rank: int | None,
+        shuffle: bool,
+        cycle: bool,
+        rank: int,
+        world: int,
+        partial: bool = False,
+    ) -> LaionShards:
         urls = self.val_urls if (split == "val" and self.val_urls) else self.train_urls
-        return LaionShards(urls, views=views, counter=counter, filters=self.filters, seed=self.seed,
-                           batch_size=batch_size, batches_per_rank=batches_per_rank, rank=rank,
-                           world_size=world, split=split, val_fraction=0.0 if self.val_urls else self.val_fraction,
-                           shuffle=shuffle, shuffle_buffer=self.shuffle_buffer, cycle=cycle,
-                           max_pixels=self.max_pixels, use_parquet=self.use_parquet, partial=partial)
+        return LaionShards(
+            urls,
+            views=views,
+            counter=counter,
+            filters=self.filters,
+            seed=self.seed,
+            batch_size=batch_size,
+            batches_per_rank=batches_per_rank,
+            rank=rank,
+            world_size=world,
+            split=split,
+            val_fraction=0.0 if self.val_urls else self.val_fraction,
+            shuffle=shuffle,
+            shuffle_buffer=self.shuffle_buffer,
+            cycle=cycle,
+            max_pixels=self.max_pixels,
+            use_parquet=self.use_parquet,
+            partial=partial,
+        )
 
     def _train_dataset(self) -> LaionShards:
         rank, world = self.placement()
-        return self._dataset("train", counter=self.train_counter, views=self.train_views,
-                             batch_size=self.batch_size, batches_per_rank=self.batches_per_epoch(),
-                             shuffle=True, cycle=True, rank=rank, world=world)
+        return self._dataset(
+            "train",
+            counter=self.train_counter,
+            views=self.train_views,
+            batch_size=self.batch_size,
+            batches_per_rank=self.batches_per_epoch(),
+            shuffle=True,
+            cycle=True,
+            rank=rank,
+            world=world,
+        )
 
     def _val_dataset(self) -> LaionShards:
         rank, world = self.placement()
@@ -544,12 +613,21 @@ class LaionDataModule(ImageTextDataModule):
         else:
             total = min(available, self.val_samples) if self.val_samples else available
         if not total:
-            raise UserError("data: no validation samples (data.val_urls / data.val_fraction / data.val_samples); "
-                            "set data.val_samples=N or give data.val_urls")
-        return self._dataset("val", counter=self.val_counter, views=self.eval_views,
-                             batch_size=self.val_batch_size,
-                             batches_per_rank=per_rank_batches(total, world, self.val_batch_size),
-                             shuffle=False, cycle=True, rank=rank, world=world)
+            raise UserError(
+                "data: no validation samples (data.val_urls / data.val_fraction / data.val_samples); "
+                "set data.val_samples=N or give data.val_urls"
+            )
+        return self._dataset(
+            "val",
+            counter=self.val_counter,
+            views=self.eval_views,
+            batch_size=self.val_batch_size,
+            batches_per_rank=per_rank_batches(total, world, self.val_batch_size),
+            shuffle=False,
+            cycle=True,
+            rank=rank,
+            world=world,
+        )
 
     def _make_train_loader(self):
         return self.iterable_loader(self._train_dataset())
@@ -559,8 +637,17 @@ class LaionDataModule(ImageTextDataModule):
 
     # ---------------------------------------------------------------- eval / cache
     def _eval_stream(self) -> Iterator[EvalItem]:
-        dataset = self._dataset("val", counter=self.val_counter, views=self.eval_views, batch_size=1,
-                                batches_per_rank=None, shuffle=False, cycle=False, rank=0, world=1)
+        dataset = self._dataset(
+            "val",
+            counter=self.val_counter,
+            views=self.eval_views,
+            batch_size=1,
+            batches_per_rank=None,
+            shuffle=False,
+            cycle=False,
+            rank=0,
+            world=1,
+        )
         for raw in dataset.raw_stream(0, 0, 1, 0):
             try:
                 meta = sample_metadata(raw)
@@ -575,8 +662,18 @@ class LaionDataModule(ImageTextDataModule):
     def iter_cache_batches(self, split: str, batch_size: int) -> Iterator[dict[str, Any]]:
         counter = self.train_counter if split == "train" else self.val_counter
         views = self.train_views if split == "train" else self.eval_views
-        dataset = self._dataset(split, counter=counter, views=views, batch_size=batch_size, batches_per_rank=None,
-                                shuffle=False, cycle=False, rank=0, world=1, partial=True)
+        dataset = self._dataset(
+            split,
+            counter=counter,
+            views=views,
+            batch_size=batch_size,
+            batches_per_rank=None,
+            shuffle=False,
+            cycle=False,
+            rank=0,
+            world=1,
+            partial=True,
+        )
         yield from dataset
 
     def source_fingerprint(self) -> dict[str, Any]:
@@ -588,9 +685,14 @@ class LaionDataModule(ImageTextDataModule):
             st = Path(url).stat()
             return [os.path.abspath(url), st.st_size, int(st.st_mtime)]
 
-        return {"dataset": self.name, "train": [stamp(u) for u in self.train_urls],
-                "val": [stamp(u) for u in self.val_urls], "val_fraction": self.val_fraction,
-                "filters": self.filters.__dict__, "max_pixels": self.max_pixels}
+        return {
+            "dataset": self.name,
+            "train": [stamp(u) for u in self.train_urls],
+            "val": [stamp(u) for u in self.val_urls],
+            "val_fraction": self.val_fraction,
+            "filters": self.filters.__dict__,
+            "max_pixels": self.max_pixels,
+        }
 
 
 class _LaionEvalLoader:
@@ -598,8 +700,9 @@ class _LaionEvalLoader:
         self.image_bytes = image_bytes
         self.max_pixels = max_pixels
 
-    def __call__(self, views: ImageViews, reference_size: Optional[int]) -> tuple[dict[str, Any], None]:
-        image, original_size, _ = decode_image(self.image_bytes, max_pixels=self.max_pixels,
-                                               min_side_hint=views.largest)
+    def __call__(self, views: ImageViews, reference_size: int | None) -> tuple[dict[str, Any], None]:
+        image, original_size, _ = decode_image(
+            self.image_bytes, max_pixels=self.max_pixels, min_side_hint=views.largest
+        )
         sample, _ = views(image, original_size, sample_rng(0))
         return sample, None

@@ -20,7 +20,7 @@ import csv
 import logging
 import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from PIL import Image
 
@@ -37,7 +37,7 @@ BOX_COLUMNS = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax", "IsGroupO
 def read_class_names(path: Path) -> dict[str, str]:
     """LabelName (MID) -> DisplayName, with or without the header line."""
     names: dict[str, str] = {}
-    with open(path, "r", encoding="utf-8", errors="replace", newline="") as handle:
+    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
         for row in csv.reader(handle):
             if len(row) >= 2 and row[0] != "LabelName":
                 names[row[0]] = row[1]
@@ -54,11 +54,14 @@ def read_boxes(path: Path, image_ids: set[str]) -> dict[str, list[tuple[str, Box
 
         # ImageIDs are hex strings; some are all digits, so never let the reader infer numbers
         types = {"ImageID": pa.string(), "LabelName": pa.string()}
-        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(include_columns=list(BOX_COLUMNS),
-                                                                           column_types=types))
+        table = pacsv.read_csv(
+            path, convert_options=pacsv.ConvertOptions(include_columns=list(BOX_COLUMNS), column_types=types)
+        )
     except Exception as exc:  # missing columns, not a CSV
-        raise UserError(f"data.boxes_csv: cannot read {path} as an OpenImages box CSV ({exc}); "
-                        f"it needs the columns {', '.join(BOX_COLUMNS)}") from exc
+        raise UserError(
+            f"data.boxes_csv: cannot read {path} as an OpenImages box CSV ({exc}); "
+            f"it needs the columns {', '.join(BOX_COLUMNS)}"
+        ) from exc
     table = table.filter(pc.is_in(table["ImageID"], value_set=_array(sorted(image_ids))))
     boxes: dict[str, list[tuple[str, Box, bool]]] = {}
     for row in table.to_pylist():
@@ -85,9 +88,12 @@ class ObjectBox:
         self.min_box_fraction = min_box_fraction
         self.margin = margin
 
-    def __call__(self, record: Record, image: Image.Image, rng: Any) -> tuple[Optional[Box], list[str]]:
-        usable = [(label, box) for label, box in record.boxes
-                  if (box[2] - box[0]) * (box[3] - box[1]) >= self.min_box_fraction]
+    def __call__(self, record: Record, image: Image.Image, rng: Any) -> tuple[Box | None, list[str]]:
+        usable = [
+            (label, box)
+            for label, box in record.boxes
+            if (box[2] - box[0]) * (box[3] - box[1]) >= self.min_box_fraction
+        ]
         if not usable:
             return None, ["no_object_box"]
         if rng is None:  # evaluation: the largest object
@@ -106,11 +112,19 @@ class OpenImagesDataModule(CaptionedFolderDataModule):
     name = "openimages"
     has_references = True
 
-    def __init__(self, root: Optional[str] = None, images_dir: str = "train", captions: str = "captions.jsonl",
-                 boxes_csv: Optional[str] = "oidv6-train-annotations-bbox.csv",
-                 classes_csv: Optional[str] = "oidv7-class-descriptions-boxable.csv", reference: str = "image",
-                 min_box_fraction: float = 0.02, val_size: int = 100, reference_resolution: int = 224,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        root: str | None = None,
+        images_dir: str = "train",
+        captions: str = "captions.jsonl",
+        boxes_csv: str | None = "oidv6-train-annotations-bbox.csv",
+        classes_csv: str | None = "oidv7-class-descriptions-boxable.csv",
+        reference: str = "image",
+        min_box_fraction: float = 0.02,
+        val_size: int = 100,
+        reference_resolution: int = 224,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if reference not in ("image", "object"):
             raise UserError(f"data.reference={reference!r}: choose image or object")
@@ -133,12 +147,13 @@ class OpenImagesDataModule(CaptionedFolderDataModule):
 
         build_openimages_demo(root)
 
-    def _check_source(self) -> Optional[Path]:
+    def _check_source(self) -> Path | None:
         self._check_root_images_captions("set data.images_dir (e.g. train)")
-        if self.reference == "object":
-            if not self.boxes_name or not self._path(self.boxes_name).is_file():
-                raise UserError(f"data.boxes_csv: {self.boxes_name and self._path(self.boxes_name)} does not exist; "
-                                "data.reference=object needs the OpenImages box CSV")
+        if self.reference == "object" and (not self.boxes_name or not self._path(self.boxes_name).is_file()):
+            raise UserError(
+                f"data.boxes_csv: {self.boxes_name and self._path(self.boxes_name)} does not exist; "
+                "data.reference=object needs the OpenImages box CSV"
+            )
         return self.root
 
     def _setup_index(self) -> None:
@@ -152,22 +167,26 @@ class OpenImagesDataModule(CaptionedFolderDataModule):
         records = []
         for file, (path, caption) in sorted(entries.items()):
             image_id = Path(file).stem
-            usable = [(self.class_names.get(label, label), box) for label, box, group in boxes.get(image_id, [])
-                      if not group]
+            usable = [
+                (self.class_names.get(label, label), box) for label, box, group in boxes.get(image_id, []) if not group
+            ]
             records.append(Record(key=file, path=path, caption=caption, group=image_id, boxes=usable))
         if not records:
-            raise UserError(f"data.captions: no usable entry in {self._path(self.captions_name)} "
-                            f"(counts: {self.index_counter.totals()})")
+            raise UserError(
+                f"data.captions: no usable entry in {self._path(self.captions_name)} "
+                f"(counts: {self.index_counter.totals()})"
+            )
         if self.val_size >= len(records):
-            raise UserError(f"data.val_size={self.val_size}: the dataset has only {len(records)} captioned "
-                            "images; lower it")
+            raise UserError(
+                f"data.val_size={self.val_size}: the dataset has only {len(records)} captioned images; lower it"
+            )
         held_out = set(random.Random(self.seed).sample(range(len(records)), self.val_size))
         self.train_records = [r for i, r in enumerate(records) if i not in held_out]
         self.val_records = [r for i, r in enumerate(records) if i in held_out]
         log.info("data: OpenImages %d train / %d val images", len(self.train_records), len(self.val_records))
 
     # ---------------------------------------------------------------- datasets
-    def _reference_box(self) -> Optional[ObjectBox]:
+    def _reference_box(self) -> ObjectBox | None:
         return ObjectBox(self.min_box_fraction) if self.reference == "object" else None
 
     def source_fingerprint(self) -> dict[str, Any]:
@@ -177,6 +196,12 @@ class OpenImagesDataModule(CaptionedFolderDataModule):
             if name and self._path(name).is_file():
                 st = self._path(name).stat()
                 stamps.append([str(self._path(name)), st.st_size, int(st.st_mtime)])
-        return {"dataset": self.name, "root": str(self.root.resolve()), "files": stamps,
-                "train": len(self.train_records), "val": len(self.val_records), "seed": self.seed,
-                "reference": [self.reference, self.reference_resolution, self.min_box_fraction]}
+        return {
+            "dataset": self.name,
+            "root": str(self.root.resolve()),
+            "files": stamps,
+            "train": len(self.train_records),
+            "val": len(self.val_records),
+            "seed": self.seed,
+            "reference": [self.reference, self.reference_resolution, self.min_box_fraction],
+        }

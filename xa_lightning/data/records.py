@@ -8,9 +8,10 @@ exist are counted and left out; lines that are not UTF-8 are decoded as cp1252 /
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -24,11 +25,11 @@ from xa_lightning.errors import UserError
 @dataclass
 class CaptionLine:
     file: str
-    caption: Optional[str]
+    caption: str | None
     converted: list[str] = field(default_factory=list)
 
 
-def iter_captions_jsonl(path: Path, counter: Optional[SampleCounter] = None) -> Iterator[CaptionLine]:
+def iter_captions_jsonl(path: Path, counter: SampleCounter | None = None) -> Iterator[CaptionLine]:
     """Entries of a captions JSONL file; unparsable lines are counted as ``bad_metadata`` and skipped."""
     with open(path, "rb") as handle:
         for number, raw_line in enumerate(handle, start=1):
@@ -61,8 +62,9 @@ def decode_caption_line(raw_line: bytes) -> tuple[str, list[str]]:
 def read_captions(path: Path, image_dir: Path, counter: SampleCounter, key: str) -> dict[str, tuple[Path, str]]:
     """file -> (image path, caption) for entries whose image exists and whose caption is not empty."""
     if not path.is_file():
-        raise UserError(f"{key}: {path} does not exist; write it with `xa-data caption {image_dir} --out {path}` "
-                        f"or set {key}=...")
+        raise UserError(
+            f"{key}: {path} does not exist; write it with `xa-data caption {image_dir} --out {path}` or set {key}=..."
+        )
     out: dict[str, tuple[Path, str]] = {}
     for line in iter_captions_jsonl(path, counter):
         caption, _ = decode_caption(line.caption)
@@ -88,12 +90,12 @@ class Record:
     key: str
     path: Path
     caption: str
-    group: str = ""                                  # identity (faces) / image id: the unit of the split
+    group: str = ""  # identity (faces) / image id: the unit of the split
     boxes: list[tuple[str, Box]] = field(default_factory=list)  # (label, normalised l, t, r, b)
 
 
 # (record, image, rng or None for eval) -> reference box in pixels, or None for the centre square.
-ReferenceBox = Callable[[Record, Any, Optional[Any]], tuple[Optional[Box], list[str]]]
+ReferenceBox = Callable[[Record, Any, Any | None], tuple[Box | None, list[str]]]
 
 
 class RecordDataset(Dataset):
@@ -102,9 +104,18 @@ class RecordDataset(Dataset):
 
     max_attempts = 32
 
-    def __init__(self, records: list[Record], *, views: ImageViews, counter: SampleCounter, seed: int,
-                 reference_size: Optional[int], reference_box: Optional[ReferenceBox],
-                 max_pixels: int = DEFAULT_MAX_PIXELS, train: bool = True) -> None:
+    def __init__(
+        self,
+        records: list[Record],
+        *,
+        views: ImageViews,
+        counter: SampleCounter,
+        seed: int,
+        reference_size: int | None,
+        reference_box: ReferenceBox | None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        train: bool = True,
+    ) -> None:
         self.records = records
         self.views = views
         self.counter = counter
@@ -117,10 +128,12 @@ class RecordDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def load(self, record: Record, views: ImageViews, rng: Any, reference_size: Optional[int],
-             count: bool = True) -> tuple[dict[str, Any], Optional[torch.Tensor]]:
-        image, original_size, conversions = decode_image(record.path, max_pixels=self.max_pixels,
-                                                         min_side_hint=views.largest)
+    def load(
+        self, record: Record, views: ImageViews, rng: Any, reference_size: int | None, count: bool = True
+    ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        image, original_size, conversions = decode_image(
+            record.path, max_pixels=self.max_pixels, min_side_hint=views.largest
+        )
         sample, view_conversions = views(image, original_size, rng if rng is not None else sample_rng(self.seed))
         reference = None
         if reference_size:
@@ -131,7 +144,7 @@ class RecordDataset(Dataset):
             self.counter.convert(conversions + view_conversions, detail=record.key)
         return sample, reference
 
-    def _finish(self, record: Record, sample: dict[str, Any], reference: Optional[torch.Tensor]) -> dict[str, Any]:
+    def _finish(self, record: Record, sample: dict[str, Any], reference: torch.Tensor | None) -> dict[str, Any]:
         sample["caption"] = record.caption
         sample["key"] = record.key
         if reference is not None:
@@ -160,8 +173,10 @@ class RecordDataset(Dataset):
                 self.counter.skip(exc)
                 continue
             return self._finish(record, sample, reference)
-        raise UserError(f"data: {self.max_attempts} samples in a row from {self.records[position].path.parent} "
-                        "could not be read; see the data/skipped_* counts and check the dataset")
+        raise UserError(
+            f"data: {self.max_attempts} samples in a row from {self.records[position].path.parent} "
+            "could not be read; see the data/skipped_* counts and check the dataset"
+        )
 
 
 def batched(samples: Iterator[dict[str, Any]], batch_size: int) -> Iterator[dict[str, Any]]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ class ImageViews:
 
     resolution: int
     extra_resolutions: Sequence[int] = ()
-    crop: str = "random"            # random | center
+    crop: str = "random"  # random | center
     random_flip: bool = False
     upscale_small: bool = True
     _all: tuple[int, ...] = field(init=False, repr=False)
@@ -63,16 +64,18 @@ class ImageViews:
     def largest(self) -> int:
         return max(self._all)
 
-    def __call__(self, image: Image.Image, original_size: tuple[int, int],
-                 rng: np.random.Generator) -> tuple[dict[str, Any], list[str]]:
+    def __call__(
+        self, image: Image.Image, original_size: tuple[int, int], rng: np.random.Generator
+    ) -> tuple[dict[str, Any], list[str]]:
         """``original_size``: (h, w) of the image as stored (before any reduced-scale decode)."""
         conversions: list[str] = []
         width, height = image.size
         target = self.largest
         if min(original_size) < target:
             if not self.upscale_small:
-                raise SampleSkipped("too_small", f"{original_size[1]}x{original_size[0]} < {target} "
-                                                 "(data.upscale_small=false)")
+                raise SampleSkipped(
+                    "too_small", f"{original_size[1]}x{original_size[0]} < {target} (data.upscale_small=false)"
+                )
             conversions.append("upscaled")
         # Crop coordinates live in the original image resized to short side = target (SDXL's convention);
         # the decoded image may be smaller (reduced-scale JPEG decode), so map the box onto it.
@@ -86,9 +89,12 @@ class ImageViews:
             top, left = (resized_h - target) // 2, (resized_w - target) // 2
         flip = bool(self.random_flip and rng.random() < 0.5)
         to_decoded_x, to_decoded_y = width / (orig_w * scale), height / (orig_h * scale)
-        box: Box = (max(0.0, left * to_decoded_x), max(0.0, top * to_decoded_y),
-                    min(float(width), (left + target) * to_decoded_x),
-                    min(float(height), (top + target) * to_decoded_y))
+        box: Box = (
+            max(0.0, left * to_decoded_x),
+            max(0.0, top * to_decoded_y),
+            min(float(width), (left + target) * to_decoded_x),
+            min(float(height), (top + target) * to_decoded_y),
+        )
         out: dict[str, Any] = {"original_size": torch.tensor(original_size, dtype=torch.long)}
         for i, res in enumerate(self._all):
             view = image.resize((res, res), resample=RESAMPLE, box=box, reducing_gap=3.0)
@@ -126,7 +132,7 @@ def center_square(image_size: tuple[int, int]) -> Box:
     return ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
 
 
-def reference_tensor(image: Image.Image, size: int, box: Optional[Box] = None) -> torch.Tensor:
+def reference_tensor(image: Image.Image, size: int, box: Box | None = None) -> torch.Tensor:
     """The IP reference: ``box`` (default: the centre square) resized to ``size`` x ``size``, in [0, 1].
 
     Parts of the box outside the image are filled with mid grey.

@@ -12,24 +12,69 @@
 Heavy libraries (clean-fid, open_clip, dlib, insightface) are imported only when a metric is built.
 """
 
-from xa_lightning.metrics.clip_score import (ClipImageSimilarity, ClipScore, LoadedClip, StyleSimilarity,
-                                             UntrainedEncoderWarning, get_clip, load_clip)
+from xa_lightning.metrics.clip_score import (
+    ClipImageSimilarity,
+    ClipScore,
+    LoadedClip,
+    StyleSimilarity,
+    UntrainedEncoderWarning,
+    get_clip,
+    load_clip,
+)
 from xa_lightning.metrics.condition import EdgeF1, canny_edges, edge_f1
-from xa_lightning.metrics.config import (CLIPConfig, EdgeConfig, EvaluationConfig, FIDConfig, IDAConfig,
-                                         METRIC_NAMES)
+from xa_lightning.metrics.config import METRIC_NAMES, CLIPConfig, EdgeConfig, EvaluationConfig, FIDConfig, IDAConfig
 from xa_lightning.metrics.evaluate import build_evaluation_set, evaluate_samplers, real_statistics
-from xa_lightning.metrics.fid import (FeatureStatistics, FrechetInceptionDistance, InceptionFeatureExtractor,
-                                      KernelInceptionDistance, compute_statistics, ensure_inception_weights,
-                                      frechet_distance, get_inception, kernel_inception_distance)
-from xa_lightning.metrics.ida import (DlibFaceEmbedder, FaceEmbedder, IdentityAlignment, InsightFaceEmbedder,
-                                      build_face_embedder)
+from xa_lightning.metrics.fid import (
+    FeatureStatistics,
+    FrechetInceptionDistance,
+    InceptionFeatureExtractor,
+    KernelInceptionDistance,
+    compute_statistics,
+    ensure_inception_weights,
+    frechet_distance,
+    get_inception,
+    kernel_inception_distance,
+)
+from xa_lightning.metrics.ida import (
+    DlibFaceEmbedder,
+    FaceEmbedder,
+    IdentityAlignment,
+    InsightFaceEmbedder,
+    build_face_embedder,
+)
 
 __all__ = [
-    "CLIPConfig", "ClipImageSimilarity", "ClipScore", "DlibFaceEmbedder", "EdgeConfig", "EdgeF1",
-    "EvaluationConfig", "FIDConfig", "FaceEmbedder", "FeatureStatistics", "FrechetInceptionDistance",
-    "IDAConfig", "IdentityAlignment", "InceptionFeatureExtractor", "InsightFaceEmbedder",
-    "KernelInceptionDistance", "LoadedClip", "METRIC_NAMES", "StyleSimilarity", "UntrainedEncoderWarning",
-    "build_evaluation_set", "build_face_embedder", "canny_edges", "compute_statistics", "edge_f1",
-    "ensure_inception_weights", "evaluate_samplers", "frechet_distance", "get_clip", "get_inception",
-    "kernel_inception_distance", "load_clip", "real_statistics",
+    "CLIPConfig",
+    "ClipImageSimilarity",
+    "ClipScore",
+    "DlibFaceEmbedder",
+    "EdgeConfig",
+    "EdgeF1",
+    "EvaluationConfig",
+    "FIDConfig",
+    "FaceEmbedder",
+    "FeatureStatistics",
+    "FrechetInceptionDistance",
+    "IDAConfig",
+    "IdentityAlignment",
+    "InceptionFeatureExtractor",
+    "InsightFaceEmbedder",
+    "KernelInceptionDistance",
+    "LoadedClip",
+    "METRIC_NAMES",
+    "StyleSimilarity",
+    "UntrainedEncoderWarning",
+    "build_evaluation_set",
+    "build_face_embedder",
+    "canny_edges",
+    "compute_statistics",
+    "edge_f1",
+    "ensure_inception_weights",
+    "evaluate_samplers",
+    "frechet_distance",
+    "get_clip",
+    "get_inception",
+    "kernel_inception_distance",
+    "load_clip",
+    "real_statistics",
 ]

@@ -16,8 +16,9 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 
 def _write_images(folder: Path, count: int, seed: int, size: int = 128) -> None:
@@ -32,7 +33,7 @@ def _write_images(folder: Path, count: int, seed: int, size: int = 128) -> None:
         photo = photos[int(rng.integers(len(photos)))]
         side = int(min(photo.shape[:2]) * rng.uniform(0.3, 0.9))
         top, left = rng.integers(0, photo.shape[0] - side + 1), rng.integers(0, photo.shape[1] - side + 1)
-        crop = Image.fromarray(photo[top:top + side, left:left + side]).resize((size, size), Image.BICUBIC)
+        crop = Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size), Image.BICUBIC)
         noisy = np.clip(np.asarray(crop, dtype=np.float32) + rng.normal(0, 8, (size, size, 3)), 0, 255)
         Image.fromarray(noisy.astype(np.uint8)).save(folder / f"{index:05d}.png")
 
@@ -71,9 +72,13 @@ def _memory(counts: Sequence[int], device: str, batch: int = 250) -> dict[str, A
         update_seconds = time.perf_counter() - start
         rss_after_updates = _rss_mb()
         value = float(metric.compute())
-        entry = {"state_mb": round(_state_bytes(metric) / 2**20, 1), "rss_after_updates_mb": round(rss_after_updates, 1),
-                 "rss_after_compute_mb": round(_rss_mb(), 1),
-                 "update_features_per_s": round(2 * count / update_seconds, 1), "fid": value}
+        entry = {
+            "state_mb": round(_state_bytes(metric) / 2**20, 1),
+            "rss_after_updates_mb": round(rss_after_updates, 1),
+            "rss_after_compute_mb": round(_rss_mb(), 1),
+            "update_features_per_s": round(2 * count / update_seconds, 1),
+            "fid": value,
+        }
         if device.startswith("cuda"):
             entry["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         results[str(count)] = entry
@@ -87,14 +92,16 @@ def _memory_isolated(counts: Sequence[int], device: str) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     for count in counts:
-        code = ("import json, sys; from xa_lightning.metrics.bench import _memory; "
-                f"print(json.dumps(_memory([{int(count)}], {device!r})))")
+        code = (
+            "import json, sys; from xa_lightning.metrics.bench import _memory; "
+            f"print(json.dumps(_memory([{int(count)}], {device!r})))"
+        )
         output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
         results.update(json.loads(output.strip().splitlines()[-1]))
     return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from xa_lightning.bench import device_name
@@ -125,8 +132,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         features_seconds = time.perf_counter() - start
         fid_ours = frechet_distance(stats_fake, stats_real)
         ours_seconds = time.perf_counter() - start
-        result.update(ours_seconds=round(ours_seconds, 3), ours_images_per_s=round(2 * count / features_seconds, 2),
-                      fid_ours=fid_ours)
+        result.update(
+            ours_seconds=round(ours_seconds, 3),
+            ours_images_per_s=round(2 * count / features_seconds, 2),
+            fid_ours=fid_ours,
+        )
 
         if not args.skip_cleanfid:
             import numpy as np
@@ -136,31 +146,49 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             model = InceptionV3W(str(weights.parent), download=False, resize_inside=False).to(device).eval()
             start = time.perf_counter()
-            feats = [get_folder_features(str(folder), lambda x: model(x), num_workers=0,
-                                         batch_size=args.batch_size, device=torch.device(device), mode="clean",
-                                         verbose=False) for folder in (real, fake)]
+            feats = [
+                get_folder_features(
+                    str(folder),
+                    lambda x: model(x),
+                    num_workers=0,
+                    batch_size=args.batch_size,
+                    device=torch.device(device),
+                    mode="clean",
+                    verbose=False,
+                )
+                for folder in (real, fake)
+            ]
             cleanfid_features_seconds = time.perf_counter() - start
-            fid_cleanfid = float(cleanfid_frechet(feats[1].mean(0), np.cov(feats[1], rowvar=False),
-                                                  feats[0].mean(0), np.cov(feats[0], rowvar=False)))
+            fid_cleanfid = float(
+                cleanfid_frechet(
+                    feats[1].mean(0), np.cov(feats[1], rowvar=False), feats[0].mean(0), np.cov(feats[0], rowvar=False)
+                )
+            )
             cleanfid_seconds = time.perf_counter() - start
-            result.update(cleanfid_seconds=round(cleanfid_seconds, 3),
-                          cleanfid_images_per_s=round(2 * count / cleanfid_features_seconds, 2),
-                          fid_cleanfid=fid_cleanfid,
-                          relative_difference=abs(fid_ours - fid_cleanfid) / max(abs(fid_cleanfid), 1e-12),
-                          ratio=round(cleanfid_seconds / ours_seconds, 3),
-                          feature_ratio=round(cleanfid_features_seconds / features_seconds, 3))
+            result.update(
+                cleanfid_seconds=round(cleanfid_seconds, 3),
+                cleanfid_images_per_s=round(2 * count / cleanfid_features_seconds, 2),
+                fid_cleanfid=fid_cleanfid,
+                relative_difference=abs(fid_ours - fid_cleanfid) / max(abs(fid_cleanfid), 1e-12),
+                ratio=round(cleanfid_seconds / ours_seconds, 3),
+                feature_ratio=round(cleanfid_features_seconds / features_seconds, 3),
+            )
 
     counts = [int(c) for c in args.memory_counts.split(",") if c]
-    result["memory"] = {"method": "synthetic 2048-d feature batches through update_features (real and fake "
-                                  "side), each count in a fresh process",
-                        **_memory_isolated(counts, device)}
+    result["memory"] = {
+        "method": "synthetic 2048-d feature batches through update_features (real and fake "
+        "side), each count in a fresh process",
+        **_memory_isolated(counts, device),
+    }
     sizes = [result["memory"][str(c)]["state_mb"] for c in counts]
     result["memory_grows"] = bool(sizes and sizes[-1] > sizes[0])
-    result["notes"] = ("ratio: clean-fid end-to-end seconds / ours (both: two folders -> FID; clean-fid's scipy "
-                       "sqrtm dominates on CPU); feature_ratio: feature extraction only. memory: state_mb is the "
-                       "metric state (sums + outer products; sets up to 1024 images also keep their features); "
-                       "rss_after_compute_mb includes what the distance computation kept (low-rank SVD up to 1024 images, eigh "
-                       "above); ru_maxrss is not reported: a child process inherits its parent's peak")
+    result["notes"] = (
+        "ratio: clean-fid end-to-end seconds / ours (both: two folders -> FID; clean-fid's scipy "
+        "sqrtm dominates on CPU); feature_ratio: feature extraction only. memory: state_mb is the "
+        "metric state (sums + outer products; sets up to 1024 images also keep their features); "
+        "rss_after_compute_mb includes what the distance computation kept (low-rank SVD up to 1024 images, eigh "
+        "above); ru_maxrss is not reported: a child process inherits its parent's peak"
+    )
     print(json.dumps(result))
     return 0
 

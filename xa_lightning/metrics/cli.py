@@ -19,13 +19,14 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from xa_lightning.errors import UserError
 
 
-def _device(name: Optional[str]) -> str:
+def _device(name: str | None) -> str:
     import torch
 
     if name:
@@ -47,17 +48,19 @@ def _pair_files(generated_dir: str, reference_dir: str, what: tuple[str, str]) -
     if all(p.name in by_name for p in generated):
         return [(p, by_name[p.name]) for p in generated]
     if len(generated) % len(references) != 0:
-        raise UserError(f"{what[0]} has {len(generated)} images and {what[1]} {len(references)}: name the files "
-                        "alike, or give k generated images per reference (in sorted order)")
+        raise UserError(
+            f"{what[0]} has {len(generated)} images and {what[1]} {len(references)}: name the files "
+            "alike, or give k generated images per reference (in sorted order)"
+        )
     per_reference = len(generated) // len(references)
     return [(g, references[i // per_reference]) for i, g in enumerate(generated)]
 
 
 def _batches(pairs: list, size: int) -> list[list]:
-    return [pairs[i:i + size] for i in range(0, len(pairs), size)]
+    return [pairs[i : i + size] for i in range(0, len(pairs), size)]
 
 
-def _stack(paths: Sequence[Path], size: Optional[int] = None) -> Any:
+def _stack(paths: Sequence[Path], size: int | None = None) -> Any:
     import torch
 
     from xa_lightning.metrics.images import load_image, resize_square
@@ -71,8 +74,14 @@ def _stack(paths: Sequence[Path], size: Optional[int] = None) -> Any:
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_fid(args: argparse.Namespace, kid_only: bool = False) -> dict[str, Any]:
-    from xa_lightning.metrics.fid import (FeatureStatistics, compute_statistics, frechet_distance,
-                                          get_inception, kernel_inception_distance, stats_path)
+    from xa_lightning.metrics.fid import (
+        FeatureStatistics,
+        compute_statistics,
+        frechet_distance,
+        get_inception,
+        kernel_inception_distance,
+        stats_path,
+    )
 
     device = _device(args.device)
     extractor = get_inception(args.weights_dir, device)
@@ -83,14 +92,15 @@ def cmd_fid(args: argparse.Namespace, kid_only: bool = False) -> dict[str, Any]:
     else:
         raise UserError("give --real DIR or --reference-stats NAME|FILE")
     fake = compute_statistics(args.fake, extractor, args.batch_size, device=device, progress=True)
-    result: dict[str, Any] = {"metric": "kid" if kid_only else "fid", "num_real": real.count,
-                              "num_fake": fake.count}
+    result: dict[str, Any] = {"metric": "kid" if kid_only else "fid", "num_real": real.count, "num_fake": fake.count}
     if not kid_only:
         result["fid"] = frechet_distance(fake, real)
     if kid_only or args.kid:
         if real.features is None or fake.features is None:
-            raise UserError("KID needs the features of both sets; the reference statistics have none "
-                            "(recompute them with xa-eval fid-stats)")
+            raise UserError(
+                "KID needs the features of both sets; the reference statistics have none "
+                "(recompute them with xa-eval fid-stats)"
+            )
         mean, std = kernel_inception_distance(real.features, fake.features, args.kid_subsets, args.kid_subset_size)
         result["kid"], result["kid_std"] = mean, std
     return result
@@ -103,11 +113,22 @@ def cmd_fid_stats(args: argparse.Namespace) -> dict[str, Any]:
     target = Path(args.out) if args.out else stats_path(args.name)
     if target.exists() and not args.overwrite:
         raise UserError(f"{target} exists; pass --overwrite to recompute it or choose another --name")
-    stats = compute_statistics(args.real, get_inception(args.weights_dir, device), args.batch_size, device=device,
-                               keep_features_up_to=args.keep_features, progress=True)
+    stats = compute_statistics(
+        args.real,
+        get_inception(args.weights_dir, device),
+        args.batch_size,
+        device=device,
+        keep_features_up_to=args.keep_features,
+        progress=True,
+    )
     stats.save(target)
-    return {"metric": "fid-stats", "name": args.name, "path": str(target), "num_images": stats.count,
-            "features_kept": stats.features is not None}
+    return {
+        "metric": "fid-stats",
+        "name": args.name,
+        "path": str(target),
+        "num_images": stats.count,
+        "features_kept": stats.features is not None,
+    }
 
 
 def cmd_clip(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,18 +139,25 @@ def cmd_clip(args: argparse.Namespace) -> dict[str, Any]:
     if not args.prompts and not args.references:
         raise UserError("give --prompts FILE (CLIP score) and/or --references DIR (CLIP image similarity)")
     device = _device(args.device)
-    clip = get_clip(args.model, args.pretrained, cache_dir=args.cache_dir, device=device,
-                    require_pretrained=args.require_pretrained)
-    result: dict[str, Any] = {"metric": "clip", "model": args.model, "pretrained": args.pretrained,
-                              "trained": clip.trained}
+    clip = get_clip(
+        args.model, args.pretrained, cache_dir=args.cache_dir, device=device, require_pretrained=args.require_pretrained
+    )
+    result: dict[str, Any] = {
+        "metric": "clip",
+        "model": args.model,
+        "pretrained": args.pretrained,
+        "trained": clip.trained,
+    }
     if args.prompts:
         files = list_image_files(args.images, "--images")
         prompts = read_prompts(args.prompts, "--prompts")
         if len(prompts) == 1:
             prompts = prompts * len(files)
         if len(prompts) != len(files):
-            raise UserError(f"--prompts has {len(prompts)} lines for {len(files)} images; give one line per image "
-                            "(sorted file order) or a single line for all")
+            raise UserError(
+                f"--prompts has {len(prompts)} lines for {len(files)} images; give one line per image "
+                "(sorted file order) or a single line for all"
+            )
         metric = ClipScore(clip).to(device)
         for batch in _batches(list(zip(files, prompts)), args.batch_size):
             metric.update(_stack([f for f, _ in batch]), [p for _, p in batch])
@@ -149,13 +177,19 @@ def cmd_ida(args: argparse.Namespace) -> dict[str, Any]:
     from xa_lightning.metrics.ida import IdentityAlignment, build_face_embedder
 
     kwargs = {"detector": args.detector} if args.backend == "dlib" else {"det_size": args.det_size}
-    metric = IdentityAlignment(build_face_embedder(args.backend, args.model_dir, **kwargs),
-                               missing_face=args.missing_face)
+    metric = IdentityAlignment(
+        build_face_embedder(args.backend, args.model_dir, **kwargs), missing_face=args.missing_face
+    )
     pairs = _pair_files(args.generated, args.reference, ("--generated", "--reference"))
     for generated, reference in pairs:  # one by one: the folders may mix image sizes
         metric.update(_stack([generated]), _stack([reference]))
-    return {"metric": "ida", "backend": args.backend, "ida": float(metric.compute()), **metric.extra_scalars(),
-            "num_pairs": len(pairs)}
+    return {
+        "metric": "ida",
+        "backend": args.backend,
+        "ida": float(metric.compute()),
+        **metric.extra_scalars(),
+        "num_pairs": len(pairs),
+    }
 
 
 def cmd_edge_f1(args: argparse.Namespace) -> dict[str, Any]:
@@ -221,11 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"fid": cmd_fid, "kid": lambda a: cmd_fid(a, kid_only=True), "fid-stats": cmd_fid_stats,
-            "clip": cmd_clip, "ida": cmd_ida, "edge-f1": cmd_edge_f1}
+COMMANDS = {
+    "fid": cmd_fid,
+    "kid": lambda a: cmd_fid(a, kid_only=True),
+    "fid-stats": cmd_fid_stats,
+    "clip": cmd_clip,
+    "ida": cmd_ida,
+    "edge-f1": cmd_edge_f1,
+}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run one folder sub-command; prints the JSON result as the last line. UserError -> exit 2."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -64,7 +65,7 @@ class LoadedClip:
         return torch.nn.functional.normalize(features, dim=-1)
 
 
-def _cached_hf_file(repo_id: str, filenames: Sequence[str], cache_dir: Optional[str]) -> Optional[str]:
+def _cached_hf_file(repo_id: str, filenames: Sequence[str], cache_dir: str | None) -> str | None:
     from huggingface_hub import try_to_load_from_cache
 
     for filename in filenames:
@@ -74,7 +75,7 @@ def _cached_hf_file(repo_id: str, filenames: Sequence[str], cache_dir: Optional[
     return None
 
 
-def _cached_tag_weights(pretrained_cfg: dict, cache_dir: Optional[str]) -> Optional[str]:
+def _cached_tag_weights(pretrained_cfg: dict, cache_dir: str | None) -> str | None:
     """The local file open_clip would download for this tag, if it is already cached; no network."""
     if pretrained_cfg.get("file"):
         return pretrained_cfg["file"] if os.path.isfile(pretrained_cfg["file"]) else None
@@ -104,14 +105,21 @@ def _hub_host(pretrained_cfg: dict) -> str:
 
 
 def _untrained_message(model_name: str, pretrained: Any, why: str) -> str:
-    return (f"CLIP {model_name} '{pretrained}' weights unavailable ({why}): using a RANDOM-INIT encoder. "
-            f"CLIP metrics are logged with the suffix '{UNTRAINED_SUFFIX}' and are not comparable with "
-            "the papers; put the weights in the open_clip / Hugging Face cache to get real numbers")
+    return (
+        f"CLIP {model_name} '{pretrained}' weights unavailable ({why}): using a RANDOM-INIT encoder. "
+        f"CLIP metrics are logged with the suffix '{UNTRAINED_SUFFIX}' and are not comparable with "
+        "the papers; put the weights in the open_clip / Hugging Face cache to get real numbers"
+    )
 
 
-def load_clip(model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai", *,
-              cache_dir: Optional[str] = None, device: Union[str, torch.device] = "cpu",
-              require_pretrained: bool = False) -> LoadedClip:
+def load_clip(
+    model_name: str = "ViT-B-32",
+    pretrained: str | None = "openai",
+    *,
+    cache_dir: str | None = None,
+    device: str | torch.device = "cpu",
+    require_pretrained: bool = False,
+) -> LoadedClip:
     """Build an open_clip model; real weights when available locally or reachable, else random init.
 
     ``model_name`` may be a built-in name (``ViT-L-14``), ``hf-hub:org/repo`` or ``local-dir:/path``
@@ -129,8 +137,9 @@ def load_clip(model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai"
     if schema == "local-dir":
         folder = Path(identifier)
         if not (folder / "open_clip_config.json").is_file():
-            raise UserError(f"eval.clip.model: {folder} has no open_clip_config.json; point local-dir: at an "
-                            "open_clip model folder")
+            raise UserError(
+                f"eval.clip.model: {folder} has no open_clip_config.json; point local-dir: at an open_clip model folder"
+            )
         weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pth")]
         trained, source = bool(weights), (str(weights[0]) if weights else f"no weights file in {folder}")
     elif schema == "hf-hub":
@@ -142,12 +151,16 @@ def load_clip(model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai"
         elif not offline_requested() and host_reachable(_hub_host({"hf_hub": repo})):
             trained, source = True, f"hf-hub:{repo}"
         else:
-            raise UserError(f"eval.clip.model={model_name}: not in the Hugging Face cache and the hub is "
-                            "unreachable; use a built-in model name (random init offline) or a local-dir:")
+            raise UserError(
+                f"eval.clip.model={model_name}: not in the Hugging Face cache and the hub is "
+                "unreachable; use a built-in model name (random init offline) or a local-dir:"
+            )
     else:
         if model_name.replace("/", "-") not in open_clip.list_models():
-            raise UserError(f"eval.clip.model={model_name} is not an open_clip model; e.g. ViT-B-32, ViT-L-14 "
-                            "(open_clip.list_models()), hf-hub:org/repo or local-dir:/path")
+            raise UserError(
+                f"eval.clip.model={model_name} is not an open_clip model; e.g. ViT-B-32, ViT-L-14 "
+                "(open_clip.list_models()), hf-hub:org/repo or local-dir:/path"
+            )
         if pretrained in NO_WEIGHTS:
             source = "pretrained=None requested"
         elif os.path.isfile(str(pretrained)):
@@ -156,15 +169,18 @@ def load_clip(model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai"
             tag_cfg = get_pretrained_cfg(model_name, str(pretrained))
             if not tag_cfg:
                 tags = ", ".join(list_pretrained_tags_by_model(model_name)) or "none"
-                raise UserError(f"eval.clip.pretrained={pretrained} is neither a pretrained tag of {model_name} "
-                                f"(available: {tags}) nor an existing weights file")
+                raise UserError(
+                    f"eval.clip.pretrained={pretrained} is neither a pretrained tag of {model_name} "
+                    f"(available: {tags}) nor an existing weights file"
+                )
             # Keep what the tag implies for the architecture/preprocessing even when loading a file.
             kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
             cached = _cached_tag_weights(tag_cfg, cache_dir)
             if cached:
                 create_pretrained, trained, source = cached, True, cached
-                kwargs["force_preprocess_cfg"] = {k: tag_cfg[k] for k in ("mean", "std", "interpolation",
-                                                                           "resize_mode") if k in tag_cfg}
+                kwargs["force_preprocess_cfg"] = {
+                    k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg
+                }
             elif not offline_requested() and host_reachable(_hub_host(tag_cfg)):
                 create_pretrained, trained, source = str(pretrained), True, f"download {model_name}/{pretrained}"
             else:
@@ -173,8 +189,11 @@ def load_clip(model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai"
     if not trained:
         message = _untrained_message(model_name, pretrained, source)
         if require_pretrained:
-            raise UserError("eval.clip.require_pretrained=true but " + message.split(": using")[0] +
-                            "; copy the weights into the cache or set eval.clip.require_pretrained=false")
+            raise UserError(
+                "eval.clip.require_pretrained=true but "
+                + message.split(": using")[0]
+                + "; copy the weights into the cache or set eval.clip.require_pretrained=false"
+            )
         warnings.warn(message, UntrainedEncoderWarning, stacklevel=2)
     model, _, preprocess = open_clip.create_model_and_transforms(create_name, pretrained=create_pretrained, **kwargs)
     model.eval().requires_grad_(False)
@@ -185,19 +204,29 @@ def load_clip(model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai"
 _CLIPS: dict[tuple, LoadedClip] = {}
 
 
-def get_clip(model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai", *, cache_dir: Optional[str] = None,
-             device: Union[str, torch.device] = "cpu", require_pretrained: bool = False) -> LoadedClip:
+def get_clip(
+    model_name: str = "ViT-B-32",
+    pretrained: str | None = "openai",
+    *,
+    cache_dir: str | None = None,
+    device: str | torch.device = "cpu",
+    require_pretrained: bool = False,
+) -> LoadedClip:
     """Process-wide shared :func:`load_clip` (one load per model, tag and device)."""
     key = (model_name, str(pretrained), cache_dir, str(torch.device(device)))
     if key not in _CLIPS:
-        _CLIPS[key] = load_clip(model_name, pretrained, cache_dir=cache_dir, device=device,
-                                require_pretrained=require_pretrained)
+        _CLIPS[key] = load_clip(
+            model_name, pretrained, cache_dir=cache_dir, device=device, require_pretrained=require_pretrained
+        )
     elif not _CLIPS[key].trained:
         if require_pretrained:
-            raise UserError("eval.clip.require_pretrained=true but " +
-                            _untrained_message(model_name, pretrained, _CLIPS[key].source).split(": using")[0])
-        warnings.warn(_untrained_message(model_name, pretrained, _CLIPS[key].source), UntrainedEncoderWarning,
-                      stacklevel=2)
+            raise UserError(
+                "eval.clip.require_pretrained=true but "
+                + _untrained_message(model_name, pretrained, _CLIPS[key].source).split(": using")[0]
+            )
+        warnings.warn(
+            _untrained_message(model_name, pretrained, _CLIPS[key].source), UntrainedEncoderWarning, stacklevel=2
+        )
     return _CLIPS[key]
 
 
@@ -209,9 +238,15 @@ class _ClipMetric(Metric):
     full_state_update = False
     base_name = "clip"
 
-    def __init__(self, clip: Optional[LoadedClip] = None, model_name: str = "ViT-B-32",
-                 pretrained: Optional[str] = "openai", cache_dir: Optional[str] = None,
-                 require_pretrained: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        clip: LoadedClip | None = None,
+        model_name: str = "ViT-B-32",
+        pretrained: str | None = "openai",
+        cache_dir: str | None = None,
+        require_pretrained: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if clip is None:
             clip = get_clip(model_name, pretrained, cache_dir=cache_dir, require_pretrained=require_pretrained)

@@ -35,7 +35,7 @@ def canny_edges(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarra
 def disk_kernel(radius: int) -> np.ndarray:
     """uint8 Euclidean disk ``x^2 + y^2 <= r^2`` (OpenCV's MORPH_ELLIPSE is not exactly a disk)."""
     offsets = np.arange(-radius, radius + 1)
-    return (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius ** 2).astype(np.uint8)
+    return (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2).astype(np.uint8)
 
 
 def edge_f1(predicted: np.ndarray, target: np.ndarray, radius: int = 2) -> float:
@@ -72,8 +72,7 @@ class EdgeF1(Metric):
     full_state_update = False
     log_name = "edge_f1"
 
-    def __init__(self, low_threshold: int = 100, high_threshold: int = 200, radius: int = 2,
-                 **kwargs: Any) -> None:
+    def __init__(self, low_threshold: int = 100, high_threshold: int = 200, radius: int = 2, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.low_threshold, self.high_threshold, self.radius = low_threshold, high_threshold, radius
         self.add_state("f1_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -91,8 +90,9 @@ class EdgeF1(Metric):
             image_np = to_numpy_hwc(image)
             control_np = to_numpy_hwc(control_map).max(axis=2)
             if control_np.shape != image_np.shape[:2]:
-                control_np = cv2.resize(control_np, (image_np.shape[1], image_np.shape[0]),
-                                        interpolation=cv2.INTER_NEAREST)
+                control_np = cv2.resize(
+                    control_np, (image_np.shape[1], image_np.shape[0]), interpolation=cv2.INTER_NEAREST
+                )
             predicted = canny_edges(image_np, self.low_threshold, self.high_threshold)
             scores.append(edge_f1(predicted, control_np >= 128, self.radius))
         return torch.tensor(scores, dtype=torch.float64)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 from xa_lightning.config import to_plain
 from xa_lightning.errors import UserError
@@ -61,9 +62,9 @@ class FIDConfig:
     (exact, fast FID on small sets); memory stays bounded.
     """
 
-    reference_stats: Optional[str] = None
-    weights_dir: Optional[str] = None
-    num_real_images: Optional[int] = None
+    reference_stats: str | None = None
+    weights_dir: str | None = None
+    num_real_images: int | None = None
     low_rank_max_images: int = 1024
     kid_subsets: int = 100
     kid_subset_size: int = 1000
@@ -86,8 +87,8 @@ class CLIPConfig:
     """
 
     model: str = "ViT-B-32"
-    pretrained: Optional[str] = "openai"
-    cache_dir: Optional[str] = None
+    pretrained: str | None = "openai"
+    cache_dir: str | None = None
     require_pretrained: bool = False
 
 
@@ -96,7 +97,7 @@ class IDAConfig:
     """Identity alignment: ``backend`` dlib (offline weights) or insightface (``model_dir``: antelopev2)."""
 
     backend: str = "dlib"
-    model_dir: Optional[str] = None
+    model_dir: str | None = None
     missing_face: str = "skip"
     det_size: int = 640
     detector: str = "hog"
@@ -145,19 +146,19 @@ class EvaluationConfig:
     at_end: bool = True
     log_images: int = 8
     images_per_reference: int = 1
-    prompts_file: Optional[str] = None
-    references_dir: Optional[str] = None
+    prompts_file: str | None = None
+    references_dir: str | None = None
     reference_resolution: int = 224
-    real_dir: Optional[str] = None
-    samplers: Optional[list[str]] = None
+    real_dir: str | None = None
+    samplers: list[str] | None = None
     pairs: list[list[str]] = field(default_factory=list)
-    style_reference: Optional[str] = None
-    output_dir: Optional[str] = None
+    style_reference: str | None = None
+    output_dir: str | None = None
     progress: bool = True
-    fid: Union[FIDConfig, Mapping, None] = None
-    clip: Union[CLIPConfig, Mapping, None] = None
-    ida: Union[IDAConfig, Mapping, None] = None
-    edge: Union[EdgeConfig, Mapping, None] = None
+    fid: FIDConfig | Mapping | None = None
+    clip: CLIPConfig | Mapping | None = None
+    ida: IDAConfig | Mapping | None = None
+    edge: EdgeConfig | Mapping | None = None
 
     def __post_init__(self) -> None:
         self.metrics = [str(m) for m in (_plain(self.metrics) or [])]
@@ -178,15 +179,17 @@ class EvaluationConfig:
             raise UserError(f"eval.pairs={pairs!r}: give pairs of sampler names, e.g. [[sun, teacher]]")
         self.pairs = [[str(a), str(b)] for a, b in pairs]
         if "style_similarity" in self.metrics and not self.style_reference:
-            raise UserError("eval.style_reference is required for style_similarity: the sampler whose images "
-                            "are the style target (e.g. the base model + LoRA)")
+            raise UserError(
+                "eval.style_reference is required for style_similarity: the sampler whose images "
+                "are the style target (e.g. the base model + LoRA)"
+            )
         self.fid = _from_mapping(FIDConfig, self.fid, "eval.fid")
         self.clip = _from_mapping(CLIPConfig, self.clip, "eval.clip")
         self.ida = _from_mapping(IDAConfig, self.ida, "eval.ida")
         self.edge = _from_mapping(EdgeConfig, self.edge, "eval.edge")
 
     @classmethod
-    def coerce(cls, value: Union["EvaluationConfig", Mapping, None]) -> "EvaluationConfig":
+    def coerce(cls, value: EvaluationConfig | Mapping | None) -> EvaluationConfig:
         """An EvaluationConfig from itself, a mapping / DictConfig (``_target_`` ignored) or None (defaults)."""
         return _from_mapping(cls, value, "eval")
 

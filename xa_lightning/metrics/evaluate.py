@@ -16,19 +16,26 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from xa_lightning.errors import UserError
 from xa_lightning.metrics.config import EvaluationConfig
-from xa_lightning.metrics.fid import (FeatureStatistics, FrechetInceptionDistance, KernelInceptionDistance,
-                                      frechet_distance, get_inception, stats_path)
-from xa_lightning.metrics.images import (iterate_batches, list_image_files, load_image, to_uint8, to_unit_float)
+from xa_lightning.metrics.fid import (
+    FeatureStatistics,
+    FrechetInceptionDistance,
+    KernelInceptionDistance,
+    frechet_distance,
+    get_inception,
+    stats_path,
+)
+from xa_lightning.metrics.images import iterate_batches, list_image_files, load_image, to_uint8, to_unit_float
 
-Sampler = Callable[[list[str], list[int], Optional[Tensor]], Tensor]
+Sampler = Callable[[list[str], list[int], Tensor | None], Tensor]
 
 
 def dist_info() -> tuple[int, int]:
@@ -52,8 +59,9 @@ def _default_device() -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------- reals
-def real_statistics(real_images: Any, cfg: EvaluationConfig, device: Union[str, torch.device],
-                    progress: bool = False) -> FeatureStatistics:
+def real_statistics(
+    real_images: Any, cfg: EvaluationConfig, device: str | torch.device, progress: bool = False
+) -> FeatureStatistics:
     """Inception statistics of the real set, computed once (sharded over ranks, reduced)."""
     from tqdm.auto import tqdm
 
@@ -62,8 +70,10 @@ def real_statistics(real_images: Any, cfg: EvaluationConfig, device: Union[str, 
     if real_images is None:
         if cfg.fid.reference_stats:
             return FeatureStatistics.load(stats_path(cfg.fid.reference_stats))
-        raise UserError("eval.metrics has fid/kid but there are no real images: the datamodule has no "
-                        "real_images(n), eval.real_dir is unset and eval.fid.reference_stats is unset")
+        raise UserError(
+            "eval.metrics has fid/kid but there are no real images: the datamodule has no "
+            "real_images(n), eval.real_dir is unset and eval.fid.reference_stats is unset"
+        )
     rank, world = dist_info()
     limit = cfg.fid.num_real_images
     if isinstance(real_images, (str, os.PathLike)):
@@ -82,8 +92,9 @@ def real_statistics(real_images: Any, cfg: EvaluationConfig, device: Union[str, 
         flat = flat[:limit] if limit else flat
         mine = flat[rank::world]
         total = len(mine)
-    metric = FrechetInceptionDistance(get_inception(cfg.fid.weights_dir, device),
-                                      low_rank_max_images=max(cfg.fid.low_rank_max_images, 10_000)).to(device)
+    metric = FrechetInceptionDistance(
+        get_inception(cfg.fid.weights_dir, device), low_rank_max_images=max(cfg.fid.low_rank_max_images, 10_000)
+    ).to(device)
     bar = tqdm(total=total, desc="FID real statistics", unit="img", leave=False, disable=not progress or rank != 0)
     for batch in iterate_batches(mine, max(cfg.batch_size, 16)):
         metric.update(batch.to(device), real=True)
@@ -99,24 +110,39 @@ def _load_clip(cfg: EvaluationConfig, device: torch.device) -> Any:
 
     if not any(m in cfg.metrics for m in ("clip_score", "clip_image_similarity", "style_similarity")):
         return None
-    return get_clip(cfg.clip.model, cfg.clip.pretrained, cache_dir=cfg.clip.cache_dir, device=device,
-                    require_pretrained=cfg.clip.require_pretrained)
+    return get_clip(
+        cfg.clip.model,
+        cfg.clip.pretrained,
+        cache_dir=cfg.clip.cache_dir,
+        device=device,
+        require_pretrained=cfg.clip.require_pretrained,
+    )
 
 
-def _sampler_metrics(cfg: EvaluationConfig, device: torch.device, reals: Optional[FeatureStatistics],
-                     is_style_reference: bool, wants_features: bool, clip: Any) -> "OrderedDict[str, Any]":
+def _sampler_metrics(
+    cfg: EvaluationConfig,
+    device: torch.device,
+    reals: FeatureStatistics | None,
+    is_style_reference: bool,
+    wants_features: bool,
+    clip: Any,
+) -> OrderedDict[str, Any]:
     """The metric objects for one sampler (shared models: Inception, CLIP, face embedder)."""
     from xa_lightning.metrics.clip_score import ClipImageSimilarity, ClipScore, StyleSimilarity
 
     metrics: OrderedDict[str, Any] = OrderedDict()
     extractor = get_inception(cfg.fid.weights_dir, device) if wants_features else None
     if wants_features:
-        metrics["fid"] = FrechetInceptionDistance(extractor, reference=reals if "fid" in cfg.metrics else None,
-                                                  low_rank_max_images=cfg.fid.low_rank_max_images).to(device)
+        metrics["fid"] = FrechetInceptionDistance(
+            extractor,
+            reference=reals if "fid" in cfg.metrics else None,
+            low_rank_max_images=cfg.fid.low_rank_max_images,
+        ).to(device)
     for name in cfg.metrics:
         if name == "kid":
-            metrics["kid"] = KernelInceptionDistance(extractor, reference=reals, subsets=cfg.fid.kid_subsets,
-                                                     subset_size=cfg.fid.kid_subset_size).to(device)
+            metrics["kid"] = KernelInceptionDistance(
+                extractor, reference=reals, subsets=cfg.fid.kid_subsets, subset_size=cfg.fid.kid_subset_size
+            ).to(device)
         elif name == "clip_score":
             metrics[name] = ClipScore(clip).to(device)
         elif name == "clip_image_similarity":
@@ -150,11 +176,18 @@ def _check_images(images: Any, sampler: str, expected: int) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------- main
 @torch.no_grad()
-def evaluate_samplers(samplers: Mapping[str, Sampler], prompts: Sequence[str], seeds: Sequence[int],
-                      references: Optional[Union[Tensor, Sequence[Tensor]]], real_images: Any,
-                      metric_cfg: Union[EvaluationConfig, Mapping, None] = None, *,
-                      device: Union[str, torch.device, None] = None, progress: Optional[bool] = None,
-                      log_images: Optional[int] = None) -> dict[str, Any]:
+def evaluate_samplers(
+    samplers: Mapping[str, Sampler],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    references: Tensor | Sequence[Tensor] | None,
+    real_images: Any,
+    metric_cfg: EvaluationConfig | Mapping | None = None,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+    log_images: int | None = None,
+) -> dict[str, Any]:
     """Generate ``len(prompts)`` images per sampler and score them with the configured metrics.
 
     ``references``: None or per-image references ``(N, 3, r, r)`` (uint8 or float in [0, 1]);
@@ -175,11 +208,16 @@ def evaluate_samplers(samplers: Mapping[str, Sampler], prompts: Sequence[str], s
     rank, world = dist_info()
 
     names = list(samplers) if cfg.samplers is None else cfg.samplers
-    for name in names + [n for pair in cfg.pairs for n in pair] + ([cfg.style_reference] if cfg.style_reference
-                                                                    and "style_similarity" in cfg.metrics else []):
+    for name in (
+        names
+        + [n for pair in cfg.pairs for n in pair]
+        + ([cfg.style_reference] if cfg.style_reference and "style_similarity" in cfg.metrics else [])
+    ):
         if name not in samplers:
-            raise UserError(f"eval: sampler {name!r} (eval.samplers / eval.pairs / eval.style_reference) is not "
-                            f"one of the method's samplers: {', '.join(samplers)}")
+            raise UserError(
+                f"eval: sampler {name!r} (eval.samplers / eval.pairs / eval.style_reference) is not "
+                f"one of the method's samplers: {', '.join(samplers)}"
+            )
     if cfg.style_reference and "style_similarity" in cfg.metrics and cfg.style_reference not in names:
         names.append(cfg.style_reference)
     prompts, seeds = [str(p) for p in prompts], [int(s) for s in seeds]
@@ -191,37 +229,49 @@ def evaluate_samplers(samplers: Mapping[str, Sampler], prompts: Sequence[str], s
             raise ValueError(f"{len(references)} references for {count} prompts")
     elif cfg.needs_references():
         wanted = [m for m in cfg.metrics if m in ("clip_image_similarity", "ida", "edge_f1")]
-        raise UserError(f"eval.metrics has {', '.join(wanted)} but there are no references: the datamodule has "
-                        "no eval_references(n) and eval.references_dir is unset")
+        raise UserError(
+            f"eval.metrics has {', '.join(wanted)} but there are no references: the datamodule has "
+            "no eval_references(n) and eval.references_dir is unset"
+        )
 
     wants_features = "fid" in cfg.metrics or "kid" in cfg.metrics or bool(cfg.pairs)
     reals = None
     if "fid" in cfg.metrics or "kid" in cfg.metrics:
         reals = real_statistics(real_images, cfg, device, progress)
     clip = _load_clip(cfg, device)
-    metrics = {name: _sampler_metrics(cfg, device, reals, name == cfg.style_reference,
-                                      wants_features and ("fid" in cfg.metrics or "kid" in cfg.metrics
-                                                          or any(name in pair for pair in cfg.pairs)), clip)
-               for name in names}
+    metrics = {
+        name: _sampler_metrics(
+            cfg,
+            device,
+            reals,
+            name == cfg.style_reference,
+            wants_features
+            and ("fid" in cfg.metrics or "kid" in cfg.metrics or any(name in pair for pair in cfg.pairs)),
+            clip,
+        )
+        for name in names
+    }
 
     my_indices = list(range(rank, count, world))
     per_image: dict[str, dict[str, dict[int, float]]] = {name: {} for name in names}
     kept_images: dict[str, dict[int, Tensor]] = {name: {} for name in names}
-    batches = [my_indices[i:i + cfg.batch_size] for i in range(0, len(my_indices), cfg.batch_size)]
+    batches = [my_indices[i : i + cfg.batch_size] for i in range(0, len(my_indices), cfg.batch_size)]
     bar = tqdm(batches, desc="evaluation", unit="batch", leave=False, disable=not progress or rank != 0)
     for batch in bar:
         batch_prompts = [prompts[i] for i in batch]
         batch_seeds = [seeds[i] for i in batch]
         batch_refs = None
         if references is not None:
-            batch_refs = torch.stack([references[i] for i in batch]) if not isinstance(references, Tensor) \
-                else references[batch]
+            batch_refs = (
+                torch.stack([references[i] for i in batch]) if not isinstance(references, Tensor) else references[batch]
+            )
         refs_uint8 = to_uint8(batch_refs) if batch_refs is not None else None
         refs_for_sampler = to_unit_float(batch_refs).to(device) if batch_refs is not None else None
         generated: dict[str, Tensor] = {}
         for name in names:
-            generated[name] = _check_images(samplers[name](batch_prompts, batch_seeds, refs_for_sampler), name,
-                                            len(batch)).detach()
+            generated[name] = _check_images(
+                samplers[name](batch_prompts, batch_seeds, refs_for_sampler), name, len(batch)
+            ).detach()
         for name in names:
             images = generated[name]
             scores: dict[str, Tensor] = {}
@@ -307,7 +357,7 @@ def evaluate_samplers(samplers: Mapping[str, Sampler], prompts: Sequence[str], s
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def read_prompts(path: Union[str, os.PathLike], what: str = "eval.prompts_file") -> list[str]:
+def read_prompts(path: str | os.PathLike, what: str = "eval.prompts_file") -> list[str]:
     """Non-empty, non-comment lines of a prompt file."""
     file = resolve_path(path, what)
     prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
@@ -317,7 +367,7 @@ def read_prompts(path: Union[str, os.PathLike], what: str = "eval.prompts_file")
     return prompts
 
 
-def resolve_path(path: Union[str, os.PathLike], what: str) -> Path:
+def resolve_path(path: str | os.PathLike, what: str) -> Path:
     """An existing path: as given, or relative to the checkout (evaluation/... works from any cwd)."""
     candidate = Path(path).expanduser()
     if candidate.exists():
@@ -326,11 +376,13 @@ def resolve_path(path: Union[str, os.PathLike], what: str) -> Path:
         root = Path(__file__).resolve().parents[2]
         if (root / candidate).exists():
             return root / candidate
-    raise UserError(f"{what}: {path} does not exist; fix the path (relative paths are tried against the "
-                    "working directory and the checkout)")
+    raise UserError(
+        f"{what}: {path} does not exist; fix the path (relative paths are tried against the "
+        "working directory and the checkout)"
+    )
 
 
-def load_references(folder: Union[str, os.PathLike], count: int, resolution: int) -> Tensor:
+def load_references(folder: str | os.PathLike, count: int, resolution: int) -> Tensor:
     """The first ``count`` images of a folder, centre-cropped and resized, float (count, 3, r, r) in [0, 1]."""
     from xa_lightning.metrics.images import resize_square
 
@@ -362,8 +414,10 @@ def build_evaluation_set(cfg: EvaluationConfig, datamodule: Any = None) -> dict[
     elif cfg.prompts_file:
         base_prompts = read_prompts(cfg.prompts_file)
     else:
-        raise UserError("eval.prompts_file is unset and the datamodule has no eval_prompts(n); set "
-                        "eval.prompts_file=evaluation/prompts/demo.txt")
+        raise UserError(
+            "eval.prompts_file is unset and the datamodule has no eval_prompts(n); set "
+            "eval.prompts_file=evaluation/prompts/demo.txt"
+        )
     if references is not None:
         prompts = [base_prompts[(i // per_reference) % len(base_prompts)] for i in range(count)]
         references = to_unit_float(references)[[i // per_reference for i in range(count)]]
@@ -376,5 +430,9 @@ def build_evaluation_set(cfg: EvaluationConfig, datamodule: Any = None) -> dict[
             real = datamodule.real_images(n_real)
         elif cfg.real_dir:
             real = str(resolve_path(cfg.real_dir, "eval.real_dir"))
-    return {"prompts": prompts, "seeds": [cfg.seed + i for i in range(count)], "references": references,
-            "real_images": real}
+    return {
+        "prompts": prompts,
+        "seeds": [cfg.seed + i for i in range(count)],
+        "references": references,
+        "real_images": real,
+    }

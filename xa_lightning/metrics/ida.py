@@ -21,7 +21,7 @@ import importlib.util
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,11 +45,11 @@ class FaceEmbedder:
 
     name = "base"
 
-    def embed(self, image: np.ndarray) -> Optional[np.ndarray]:
+    def embed(self, image: np.ndarray) -> np.ndarray | None:
         raise NotImplementedError
 
 
-def face_recognition_models_dir() -> Optional[Path]:
+def face_recognition_models_dir() -> Path | None:
     """The ``models`` folder of the face-recognition-models package, located without importing it.
 
     (Importing it needs ``pkg_resources``, which recent setuptools no longer ship.)
@@ -66,21 +66,31 @@ class DlibFaceEmbedder(FaceEmbedder):
 
     name = "dlib"
 
-    def __init__(self, model_dir: Union[str, os.PathLike, None] = None, detector: str = "hog", upsample: int = 1,
-                 chip_size: int = 150, padding: float = 0.25) -> None:
+    def __init__(
+        self,
+        model_dir: str | os.PathLike | None = None,
+        detector: str = "hog",
+        upsample: int = 1,
+        chip_size: int = 150,
+        padding: float = 0.25,
+    ) -> None:
         try:
             import dlib
         except ImportError as exc:
             raise UserError("eval.ida.backend=dlib needs dlib: `pip install dlib-bin face-recognition-models`") from exc
         folder = Path(model_dir).expanduser() if model_dir else face_recognition_models_dir()
         if folder is None:
-            raise UserError("eval.ida.backend=dlib: no model files; `pip install face-recognition-models` or set "
-                            "eval.ida.model_dir to a folder with " + ", ".join(DLIB_FILES.values()))
+            raise UserError(
+                "eval.ida.backend=dlib: no model files; `pip install face-recognition-models` or set "
+                "eval.ida.model_dir to a folder with " + ", ".join(DLIB_FILES.values())
+            )
         needed = ["landmarks", "recognition"] + (["cnn_detector"] if detector == "cnn" else [])
         for key in needed:
             if not (folder / DLIB_FILES[key]).is_file():
-                raise UserError(f"eval.ida.model_dir: {folder / DLIB_FILES[key]} is missing; "
-                                "`pip install face-recognition-models` or copy the dlib model files there")
+                raise UserError(
+                    f"eval.ida.model_dir: {folder / DLIB_FILES[key]} is missing; "
+                    "`pip install face-recognition-models` or copy the dlib model files there"
+                )
         if detector == "hog":
             self._detector = dlib.get_frontal_face_detector()
         elif detector == "cnn":
@@ -92,7 +102,7 @@ class DlibFaceEmbedder(FaceEmbedder):
         self._recognition = dlib.face_recognition_model_v1(str(folder / DLIB_FILES["recognition"]))
         self._dlib, self.upsample, self.chip_size, self.padding = dlib, upsample, chip_size, padding
 
-    def embed(self, image: np.ndarray) -> Optional[np.ndarray]:
+    def embed(self, image: np.ndarray) -> np.ndarray | None:
         faces = list(self._detector(image, self.upsample))
         if not faces:
             return None
@@ -109,8 +119,10 @@ def _onnx_folder(model_dir: Path) -> Path:
     nested = [d for d in model_dir.iterdir() if d.is_dir() and any(d.glob("*.onnx"))]
     if len(nested) == 1:
         return nested[0]
-    raise UserError(f"eval.ida.model_dir: {model_dir} has no .onnx files; unzip insightface's antelopev2 "
-                    "(detection + recognition ONNX) there, or use eval.ida.backend=dlib")
+    raise UserError(
+        f"eval.ida.model_dir: {model_dir} has no .onnx files; unzip insightface's antelopev2 "
+        "(detection + recognition ONNX) there, or use eval.ida.backend=dlib"
+    )
 
 
 class InsightFaceEmbedder(FaceEmbedder):
@@ -118,15 +130,24 @@ class InsightFaceEmbedder(FaceEmbedder):
 
     name = "insightface"
 
-    def __init__(self, model_dir: Union[str, os.PathLike, None], det_size: int = 640, det_thresh: float = 0.5,
-                 providers: Optional[list[str]] = None) -> None:
+    def __init__(
+        self,
+        model_dir: str | os.PathLike | None,
+        det_size: int = 640,
+        det_thresh: float = 0.5,
+        providers: list[str] | None = None,
+    ) -> None:
         if not model_dir:
-            raise UserError("eval.ida.model_dir is required for eval.ida.backend=insightface: a folder with "
-                            "antelopev2's ONNX files (e.g. ~/.insightface/models/antelopev2)")
+            raise UserError(
+                "eval.ida.model_dir is required for eval.ida.backend=insightface: a folder with "
+                "antelopev2's ONNX files (e.g. ~/.insightface/models/antelopev2)"
+            )
         folder = Path(model_dir).expanduser().resolve()
         if not folder.is_dir():
-            raise UserError(f"eval.ida.model_dir: {folder} does not exist; download insightface's antelopev2 and "
-                            "unzip it there, or use eval.ida.backend=dlib")
+            raise UserError(
+                f"eval.ida.model_dir: {folder} does not exist; download insightface's antelopev2 and "
+                "unzip it there, or use eval.ida.backend=dlib"
+            )
         folder = _onnx_folder(folder)
         try:
             import onnxruntime
@@ -137,8 +158,9 @@ class InsightFaceEmbedder(FaceEmbedder):
             available = onnxruntime.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         try:
-            self._app = FaceAnalysis(name=str(folder), allowed_modules=["detection", "recognition"],
-                                     providers=providers)
+            self._app = FaceAnalysis(
+                name=str(folder), allowed_modules=["detection", "recognition"], providers=providers
+            )
         except AssertionError as exc:
             raise UserError(f"eval.ida.model_dir: {folder} has no face detection model (SCRFD .onnx)") from exc
         if "recognition" not in self._app.models:
@@ -146,7 +168,7 @@ class InsightFaceEmbedder(FaceEmbedder):
         ctx_id = 0 if providers and providers[0] == "CUDAExecutionProvider" else -1
         self._app.prepare(ctx_id=ctx_id, det_thresh=det_thresh, det_size=(det_size, det_size))
 
-    def embed(self, image: np.ndarray) -> Optional[np.ndarray]:
+    def embed(self, image: np.ndarray) -> np.ndarray | None:
         faces = self._app.get(np.ascontiguousarray(image[:, :, ::-1]))  # insightface takes BGR
         if not faces:
             return None
@@ -157,8 +179,9 @@ class InsightFaceEmbedder(FaceEmbedder):
 _EMBEDDERS: dict[tuple, FaceEmbedder] = {}
 
 
-def build_face_embedder(backend: str = "dlib", model_dir: Union[str, os.PathLike, None] = None,
-                        **kwargs: Any) -> FaceEmbedder:
+def build_face_embedder(
+    backend: str = "dlib", model_dir: str | os.PathLike | None = None, **kwargs: Any
+) -> FaceEmbedder:
     """A process-wide shared embedder per backend and options."""
     if backend not in BACKENDS:
         raise UserError(f"eval.ida.backend={backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -186,16 +209,22 @@ class IdentityAlignment(Metric):
     full_state_update = False
     log_name = "ida"
 
-    def __init__(self, embedder: Optional[FaceEmbedder] = None, backend: str = "dlib",
-                 model_dir: Union[str, os.PathLike, None] = None, missing_face: str = "skip",
-                 reference_cache_size: int = 4096, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        embedder: FaceEmbedder | None = None,
+        backend: str = "dlib",
+        model_dir: str | os.PathLike | None = None,
+        missing_face: str = "skip",
+        reference_cache_size: int = 4096,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if missing_face not in ("skip", "zero"):
             raise UserError(f"eval.ida.missing_face={missing_face!r}: choose skip or zero")
         self.__dict__["embedder"] = embedder if embedder is not None else build_face_embedder(backend, model_dir)
         self.missing_face = missing_face
         # References repeat (A4A: 100 references x 4 generations): embed each once.
-        self._reference_cache: OrderedDict[bytes, Optional[np.ndarray]] = OrderedDict()
+        self._reference_cache: OrderedDict[bytes, np.ndarray | None] = OrderedDict()
         self._reference_cache_size = reference_cache_size
         self.add_state("similarity_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("pairs", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
@@ -203,7 +232,7 @@ class IdentityAlignment(Metric):
         self.add_state("reference_faces", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def _reference_embedding(self, image: np.ndarray) -> Optional[np.ndarray]:
+    def _reference_embedding(self, image: np.ndarray) -> np.ndarray | None:
         key = hashlib.blake2b(image.tobytes(), digest_size=16).digest() + bytes(str(image.shape), "ascii")
         if key in self._reference_cache:
             self._reference_cache.move_to_end(key)
@@ -229,8 +258,7 @@ class IdentityAlignment(Metric):
             found_reference.append(reference_embedding is not None)
             both = generated_embedding is not None and reference_embedding is not None
             scores.append(cosine(generated_embedding, reference_embedding) if both else float("nan"))
-        return (torch.tensor(scores, dtype=torch.float64), torch.tensor(found_generated),
-                torch.tensor(found_reference))
+        return (torch.tensor(scores, dtype=torch.float64), torch.tensor(found_generated), torch.tensor(found_reference))
 
     def update(self, images: Tensor, references: Tensor) -> None:
         self.accumulate(self.score(images, references))
@@ -257,5 +285,7 @@ class IdentityAlignment(Metric):
         """Detection rates logged beside IDA (synced across ranks)."""
         with self.sync_context(should_sync=self._to_sync, should_unsync=True):
             total = max(int(self.total), 1)
-            return {"face_detection_rate": int(self.generated_faces) / total,
-                    "reference_face_rate": int(self.reference_faces) / total}
+            return {
+                "face_detection_rate": int(self.generated_faces) / total,
+                "reference_face_rate": int(self.reference_faces) / total,
+            }

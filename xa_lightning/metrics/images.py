@@ -8,8 +8,8 @@ metric on a folder sees exactly the pixels clean-fid would.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from xa_lightning.errors import UserError
 # clean-fid's EXTENSIONS (cleanfid/utils.py), minus .npy which is not an image file.
 IMAGE_EXTENSIONS = frozenset({"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"})
 
-ImageBatches = Union[torch.Tensor, Sequence[torch.Tensor], Iterable[torch.Tensor]]
+ImageBatches = torch.Tensor | Sequence[torch.Tensor] | Iterable[torch.Tensor]
 
 
 def check_uint8_images(images: torch.Tensor, what: str = "images") -> torch.Tensor:
@@ -27,8 +27,10 @@ def check_uint8_images(images: torch.Tensor, what: str = "images") -> torch.Tens
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"{what} must be a torch.Tensor, got {type(images).__name__}")
     if images.dtype != torch.uint8:
-        raise ValueError(f"{what} must be uint8 (B, 3, H, W) in [0, 255], got dtype {images.dtype}; "
-                         "convert with xa_lightning.metrics.images.to_uint8")
+        raise ValueError(
+            f"{what} must be uint8 (B, 3, H, W) in [0, 255], got dtype {images.dtype}; "
+            "convert with xa_lightning.metrics.images.to_uint8"
+        )
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"{what} must have shape (B, 3, H, W), got {tuple(images.shape)}")
     return images
@@ -73,7 +75,7 @@ def iterate_batches(images: ImageBatches, batch_size: int) -> Iterator[torch.Ten
         if images.ndim == 3:
             images = images.unsqueeze(0)
         for start in range(0, images.shape[0], batch_size):
-            yield to_uint8(images[start:start + batch_size])
+            yield to_uint8(images[start : start + batch_size])
         return
     pending: list[torch.Tensor] = []
     for item in images:
@@ -90,7 +92,7 @@ def iterate_batches(images: ImageBatches, batch_size: int) -> Iterator[torch.Ten
         yield torch.stack(pending)
 
 
-def list_image_files(folder: Union[str, os.PathLike], what: str = "folder") -> list[Path]:
+def list_image_files(folder: str | os.PathLike, what: str = "folder") -> list[Path]:
     """Image files under ``folder`` (recursive, sorted like clean-fid); UserError if none or missing."""
     path = Path(folder).expanduser()
     if not path.is_dir():
@@ -101,7 +103,7 @@ def list_image_files(folder: Union[str, os.PathLike], what: str = "folder") -> l
     return files
 
 
-def load_image(path: Union[str, os.PathLike]) -> torch.Tensor:
+def load_image(path: str | os.PathLike) -> torch.Tensor:
     """One image file as uint8 ``(3, H, W)`` RGB; UserError naming the file when it does not decode."""
     from PIL import Image, UnidentifiedImageError
 
@@ -109,13 +111,13 @@ def load_image(path: Union[str, os.PathLike]) -> torch.Tensor:
         with Image.open(path) as image:
             array = np.array(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise UserError(f"{path} is not a readable image ({exc.__class__.__name__}: {exc}); "
-                        "remove or replace the file") from exc
+        raise UserError(
+            f"{path} is not a readable image ({exc.__class__.__name__}: {exc}); remove or replace the file"
+        ) from exc
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def load_image_folder(folder: Union[str, os.PathLike], what: str = "folder",
-                      limit: Optional[int] = None) -> list[torch.Tensor]:
+def load_image_folder(folder: str | os.PathLike, what: str = "folder", limit: int | None = None) -> list[torch.Tensor]:
     """All images of a folder as uint8 ``(3, H, W)`` tensors (sizes may differ), sorted by path."""
     files = list_image_files(folder, what)
     if limit is not None:
@@ -128,15 +130,16 @@ def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
     _, _, height, width = images.shape
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
-    cropped = images[:, :, top:top + side, left:left + side]
+    cropped = images[:, :, top : top + side, left : left + side]
     if side == size:
         return cropped.contiguous()
-    resized = torch.nn.functional.interpolate(cropped.float(), size=(size, size), mode="bicubic",
-                                              antialias=True, align_corners=False)
+    resized = torch.nn.functional.interpolate(
+        cropped.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False
+    )
     return resized.round().clamp(0, 255).to(torch.uint8)
 
 
-def save_png(image: torch.Tensor, path: Union[str, os.PathLike]) -> Path:
+def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
     """Write a uint8 ``(3, H, W)`` image as PNG atomically (temporary file, then rename)."""
     from PIL import Image
 
@@ -148,16 +151,17 @@ def save_png(image: torch.Tensor, path: Union[str, os.PathLike]) -> Path:
     return path
 
 
-def make_grid(images: torch.Tensor, columns: Optional[int] = None, padding: int = 2) -> torch.Tensor:
+def make_grid(images: torch.Tensor, columns: int | None = None, padding: int = 2) -> torch.Tensor:
     """uint8 ``(3, H', W')`` grid of uint8 ``(B, 3, H, W)`` images (row-major, white padding)."""
     images = to_uint8(images)
     count, _, height, width = images.shape
     columns = columns or min(count, 8)
     rows = (count + columns - 1) // columns
-    grid = torch.full((3, rows * (height + padding) + padding, columns * (width + padding) + padding), 255,
-                      dtype=torch.uint8)
+    grid = torch.full(
+        (3, rows * (height + padding) + padding, columns * (width + padding) + padding), 255, dtype=torch.uint8
+    )
     for index in range(count):
         row, col = divmod(index, columns)
         top, left = padding + row * (height + padding), padding + col * (width + padding)
-        grid[:, top:top + height, left:left + width] = images[index].cpu()
+        grid[:, top : top + height, left : left + width] = images[index].cpu()
     return grid

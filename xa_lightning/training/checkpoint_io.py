@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -39,18 +40,20 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated/foreign files
-        raise UserError(f"checkpoint {path} cannot be read safely ({type(exc).__name__}); "
-                        "is it a complete xa-lightning checkpoint?") from exc
+        raise UserError(
+            f"checkpoint {path} cannot be read safely ({type(exc).__name__}); is it a complete xa-lightning checkpoint?"
+        ) from exc
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO: atomic writes (temp file + rename) and ``weights_only`` reads."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options")
         atomic_torch_save(checkpoint, path)
 
-    def load_checkpoint(self, path: Any, map_location: Optional[Callable] = None,
-                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Callable | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         return safe_torch_load(path, map_location=map_location or "cpu")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Optional
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 from xa_lightning.errors import UserError
 
 # sampler(prompts, seeds, references) -> uint8 images (B, 3, H, W)
-Sampler = Callable[[list[str], list[int], Optional[torch.Tensor]], torch.Tensor]
+Sampler = Callable[[list[str], list[int], torch.Tensor | None], torch.Tensor]
 
 ADAPTER_PREFIX = "adapter."
 ADAPTER_META_FILE = "xa_adapter.json"
@@ -34,17 +35,20 @@ class AdapterModule(L.LightningModule):
 
     method: ClassVar[str] = ""
 
-    def __init__(self, optimizer: Optional[Callable[..., torch.optim.Optimizer]] = None,
-                 lr_scheduler: Optional[Callable[..., Any]] = None) -> None:
+    def __init__(
+        self,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[..., Any] | None = None,
+    ) -> None:
         super().__init__()
         self._optimizer_factory = optimizer
         self._scheduler_factory = lr_scheduler
         self._backbone_names: list[str] = []
-        self.adapter: Optional[nn.Module] = None
+        self.adapter: nn.Module | None = None
         # Samples processed over all ranks: A4A plots against it; survives resume via the checkpoint.
         self.samples_seen = 0
         # Set by the CLI: the composed run config, stored in checkpoints so xa-eval / xa-sample can rebuild.
-        self.run_config: Optional[dict[str, Any]] = None
+        self.run_config: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ backbones
     def add_backbone(self, name: str, backbone: nn.Module) -> nn.Module:
@@ -56,10 +60,12 @@ class AdapterModule(L.LightningModule):
         return backbone
 
     def backbone_ids(self) -> dict[str, str]:
-        return {name: str(getattr(getattr(self, name), "id", type(getattr(self, name)).__name__))
-                for name in self._backbone_names}
+        return {
+            name: str(getattr(getattr(self, name), "id", type(getattr(self, name)).__name__))
+            for name in self._backbone_names
+        }
 
-    def train(self, mode: bool = True) -> "AdapterModule":
+    def train(self, mode: bool = True) -> AdapterModule:
         super().train(mode)
         for name in self._backbone_names:  # frozen parts stay in eval (dropout off, norms fixed)
             getattr(self, name).eval()
@@ -69,7 +75,7 @@ class AdapterModule(L.LightningModule):
     def compute_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         raise NotImplementedError
 
-    def evaluation_samplers(self) -> "OrderedDict[str, Sampler]":
+    def evaluation_samplers(self) -> OrderedDict[str, Sampler]:
         """Name -> sampler; the first is the method itself, the others are its baselines."""
         raise NotImplementedError
 
@@ -103,13 +109,17 @@ class AdapterModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         if self._optimizer_factory is None:
-            raise UserError("method.optimizer is not set; add e.g. optimizer: {_target_: torch.optim.AdamW, "
-                            "_partial_: true, lr: 1e-4} to the method config")
+            raise UserError(
+                "method.optimizer is not set; add e.g. optimizer: {_target_: torch.optim.AdamW, "
+                "_partial_: true, lr: 1e-4} to the method config"
+            )
         optimizer = self._optimizer_factory(self.param_groups())
         if self._scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self._scheduler_factory(optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self._scheduler_factory(optimizer), "interval": "step"},
+        }
 
     # ------------------------------------------------------------------ checkpoints: trainable state only
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
@@ -124,9 +134,11 @@ class AdapterModule(L.LightningModule):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         foreign = [k for k in state_dict if not k.startswith(ADAPTER_PREFIX)]
         if foreign:
-            raise UserError(f"checkpoint holds keys outside the adapter (e.g. {foreign[0]!r}); "
-                            "it was not written by xa-lightning's AdapterModule")
-        adapter_state = {k[len(ADAPTER_PREFIX):]: v for k, v in state_dict.items()}
+            raise UserError(
+                f"checkpoint holds keys outside the adapter (e.g. {foreign[0]!r}); "
+                "it was not written by xa-lightning's AdapterModule"
+            )
+        adapter_state = {k[len(ADAPTER_PREFIX) :]: v for k, v in state_dict.items()}
         return self.adapter.load_state_dict(adapter_state, strict=strict, assign=assign)
 
     def checkpoint_metadata(self) -> dict[str, Any]:
@@ -146,18 +158,22 @@ class AdapterModule(L.LightningModule):
         self.check_compatible(checkpoint.get("xa"), source="checkpoint")
         self.samples_seen = int(checkpoint["xa"].get("samples_seen", 0))
 
-    def check_compatible(self, meta: Optional[Mapping[str, Any]], source: str) -> None:
+    def check_compatible(self, meta: Mapping[str, Any] | None, source: str) -> None:
         """Refuse state written for another method or other backbones (one clear line)."""
         if not meta or "method" not in meta:
             raise UserError(f"{source} has no xa-lightning metadata; it was not written by xa-train")
         if meta["method"] != self.method:
-            raise UserError(f"{source} is for method {meta['method']!r}, not {self.method!r}; "
-                            f"use method={meta['method']} or a {self.method} checkpoint")
+            raise UserError(
+                f"{source} is for method {meta['method']!r}, not {self.method!r}; "
+                f"use method={meta['method']} or a {self.method} checkpoint"
+            )
         mine = self.backbone_ids()
         theirs = dict(meta.get("backbones") or {})
         if theirs != mine:
-            raise UserError(f"{source} was trained on backbones {theirs}, this run uses {mine}; "
-                            "set the backbone config to match the checkpoint")
+            raise UserError(
+                f"{source} was trained on backbones {theirs}, this run uses {mine}; "
+                "set the backbone config to match the checkpoint"
+            )
 
     # ------------------------------------------------------------------ adapter export
     def export_adapter(self, directory: str | Path) -> Path:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -12,7 +12,7 @@ from xa_lightning.training.checkpoint_io import safe_torch_load
 from xa_lightning.training.module import AdapterModule
 
 
-def load_method(ckpt_path: str | Path, method_overrides: Optional[dict[str, Any]] = None) -> AdapterModule:
+def load_method(ckpt_path: str | Path, method_overrides: dict[str, Any] | None = None) -> AdapterModule:
     """Instantiate the method recorded in a checkpoint and load its adapter state.
 
     The checkpoint stores the run's resolved config, so no config is needed beside it; frozen backbones

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -27,8 +28,14 @@ class SUNLayer(nn.Module):
     extra branch on the prompt (``to_k_pos`` ...), the official release's ``add_pos``.
     """
 
-    def __init__(self, inner_dim: int, cross_attention_dim: int, use_positive_branch: bool,
-                 alpha_init: float = 1.0, beta_init: float = 0.0) -> None:
+    def __init__(
+        self,
+        inner_dim: int,
+        cross_attention_dim: int,
+        use_positive_branch: bool,
+        alpha_init: float = 1.0,
+        beta_init: float = 0.0,
+    ) -> None:
         super().__init__()
         self.to_k_neg = nn.Linear(cross_attention_dim, inner_dim, bias=False)
         self.to_v_neg = nn.Linear(cross_attention_dim, inner_dim, bias=False)
@@ -81,9 +88,18 @@ class SUNAdapter(ModelMixin, ConfigMixin):
     """
 
     @register_to_config
-    def __init__(self, layer_names: Sequence[str], inner_dims: Sequence[int], cross_attention_dims: Sequence[int],
-                 num_negative_tokens: int = 77, use_positive_branch: bool = False, norm_scope: str = "sample",
-                 norm_eps: float = 1e-6, alpha_init: float = 1.0, beta_init: float = 0.0) -> None:
+    def __init__(
+        self,
+        layer_names: Sequence[str],
+        inner_dims: Sequence[int],
+        cross_attention_dims: Sequence[int],
+        num_negative_tokens: int = 77,
+        use_positive_branch: bool = False,
+        norm_scope: str = "sample",
+        norm_eps: float = 1e-6,
+        alpha_init: float = 1.0,
+        beta_init: float = 0.0,
+    ) -> None:
         super().__init__()
         if not (len(layer_names) == len(inner_dims) == len(cross_attention_dims)) or not layer_names:
             raise ValueError("layer_names, inner_dims and cross_attention_dims must be equally long and non-empty")
@@ -91,15 +107,24 @@ class SUNAdapter(ModelMixin, ConfigMixin):
             raise UserError(f"sun norm_scope={norm_scope!r} is not one of {NORM_SCOPES}; fix method.adapter.norm_scope")
         self.layers = nn.ModuleList(
             SUNLayer(inner, cross, use_positive_branch, alpha_init, beta_init)
-            for inner, cross in zip(inner_dims, cross_attention_dims))
+            for inner, cross in zip(inner_dims, cross_attention_dims)
+        )
         self.enabled = True
         self.scale = 1.0
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_unet(cls, unet: nn.Module, num_negative_tokens: int = 77, use_positive_branch: bool = False,
-                  norm_scope: str = "sample", norm_eps: float = 1e-6, alpha_init: float = 1.0,
-                  beta_init: float = 0.0, projection_init: str = "copy") -> "SUNAdapter":
+    def from_unet(
+        cls,
+        unet: nn.Module,
+        num_negative_tokens: int = 77,
+        use_positive_branch: bool = False,
+        norm_scope: str = "sample",
+        norm_eps: float = 1e-6,
+        alpha_init: float = 1.0,
+        beta_init: float = 0.0,
+        projection_init: str = "copy",
+    ) -> SUNAdapter:
         """An adapter shaped for ``unet``'s cross-attention layers.
 
         ``projection_init``: ``"copy"`` starts ``to_k_neg``/``to_v_neg`` (and the positive branch) from the
@@ -109,16 +134,24 @@ class SUNAdapter(ModelMixin, ConfigMixin):
         branch norm: prefer ``alpha_init=0`` for an identity start).
         """
         if projection_init not in PROJECTION_INITS:
-            raise UserError(f"sun projection_init={projection_init!r} is not one of {PROJECTION_INITS}; "
-                            "fix method.adapter.projection_init")
+            raise UserError(
+                f"sun projection_init={projection_init!r} is not one of {PROJECTION_INITS}; "
+                "fix method.adapter.projection_init"
+            )
         layers = cross_attention_layers(unet)
         if not layers:
             raise UserError(f"{type(unet).__name__} has no cross-attention layers to install SUN into")
-        adapter = cls(layer_names=[name for name, _ in layers],
-                      inner_dims=[_layer_shape(attn)[0] for _, attn in layers],
-                      cross_attention_dims=[_layer_shape(attn)[1] for _, attn in layers],
-                      num_negative_tokens=num_negative_tokens, use_positive_branch=use_positive_branch,
-                      norm_scope=norm_scope, norm_eps=norm_eps, alpha_init=alpha_init, beta_init=beta_init)
+        adapter = cls(
+            layer_names=[name for name, _ in layers],
+            inner_dims=[_layer_shape(attn)[0] for _, attn in layers],
+            cross_attention_dims=[_layer_shape(attn)[1] for _, attn in layers],
+            num_negative_tokens=num_negative_tokens,
+            use_positive_branch=use_positive_branch,
+            norm_scope=norm_scope,
+            norm_eps=norm_eps,
+            alpha_init=alpha_init,
+            beta_init=beta_init,
+        )
         adapter.to(device=unet.device)  # stays fp32 (trainable); the processor casts around an fp16 UNet
         with torch.no_grad():
             for layer, (_, attn) in zip(adapter.layers, layers):
@@ -144,11 +177,14 @@ class SUNAdapter(ModelMixin, ConfigMixin):
             missing = sorted(set(expected) - set(names)) or sorted(set(names) - set(expected)) or names
             raise UserError(
                 f"SUN adapter was built for {len(expected)} cross-attention layers, this UNet has {len(names)} "
-                f"(first difference: {missing[0]}); use a SUN adapter trained for this UNet architecture")
+                f"(first difference: {missing[0]}); use a SUN adapter trained for this UNet architecture"
+            )
         for (name, attn), inner, cross in zip(layers, self.config.inner_dims, self.config.cross_attention_dims):
             if _layer_shape(attn) != (inner, cross):
-                raise UserError(f"SUN adapter layer {name} expects (inner, text) dims {(inner, cross)}, the UNet has "
-                                f"{_layer_shape(attn)}; use a SUN adapter trained for this UNet architecture")
+                raise UserError(
+                    f"SUN adapter layer {name} expects (inner, text) dims {(inner, cross)}, the UNet has "
+                    f"{_layer_shape(attn)}; use a SUN adapter trained for this UNet architecture"
+                )
         return layers
 
     def install(self, unet: nn.Module) -> None:
@@ -166,8 +202,10 @@ class SUNAdapter(ModelMixin, ConfigMixin):
 
     def uninstall(self, unet: nn.Module) -> None:
         """Give ``unet``'s cross-attention layers back the processors they had before :meth:`install`."""
-        processors = {key: processor.original if isinstance(processor, SUNAttnProcessor) else processor
-                      for key, processor in unet.attn_processors.items()}
+        processors = {
+            key: processor.original if isinstance(processor, SUNAttnProcessor) else processor
+            for key, processor in unet.attn_processors.items()
+        }
         unet.set_attn_processor(processors)
 
     @staticmethod

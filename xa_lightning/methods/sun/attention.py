@@ -13,7 +13,7 @@ get :class:`PositiveOnlyAttnProcessor`, which drops them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from xa_lightning.methods.sun.adapter import SUNAdapter, SUNLayer
 
 
-def attention_normalization(branch: torch.Tensor, reference: torch.Tensor, alpha: torch.Tensor,
-                            beta: torch.Tensor, scope: str = "sample", eps: float = 1e-6) -> torch.Tensor:
+def attention_normalization(
+    branch: torch.Tensor,
+    reference: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    scope: str = "sample",
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """``alpha * (||reference|| / ||branch||) * branch + beta`` with norms taken per sample.
 
     ``branch`` and ``reference`` are ``(B, N, C)``; ``alpha`` and ``beta`` are per channel ``(C,)``.
@@ -42,8 +48,9 @@ def attention_normalization(branch: torch.Tensor, reference: torch.Tensor, alpha
     return alpha.to(branch.dtype) * (branch * ratio) + beta.to(branch.dtype)
 
 
-def _attend(attn: "Attention", query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-            mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _attend(
+    attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
     """Multi-head scaled dot-product attention of ``(B, N, C)`` tensors, heads merged back."""
     batch_size = query.shape[0]
     head_dim = key.shape[-1] // attn.heads
@@ -54,13 +61,13 @@ def _attend(attn: "Attention", query: torch.Tensor, key: torch.Tensor, value: to
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
-                                         scale=attn.scale)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=attn.scale
+    )
     return out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
 
 
-def _prepare_mask(attn: "Attention", mask: Optional[torch.Tensor], key_length: int,
-                  batch_size: int) -> Optional[torch.Tensor]:
+def _prepare_mask(attn: Attention, mask: torch.Tensor | None, key_length: int, batch_size: int) -> torch.Tensor | None:
     if mask is None:
         return None
     mask = attn.prepare_attention_mask(mask, key_length, batch_size)
@@ -74,7 +81,8 @@ def split_negative(encoder_hidden_states: torch.Tensor, num_negative_tokens: int
         raise ValueError(
             f"SUN expects prompt and negative-prompt embeddings concatenated along the token axis "
             f"(B, N + {num_negative_tokens}, C) but got {total} tokens; use SUNPipeline or "
-            "xa_lightning.methods.sun.concat_negative(prompt_embeds, negative_embeds)")
+            "xa_lightning.methods.sun.concat_negative(prompt_embeds, negative_embeds)"
+        )
     split = total - num_negative_tokens
     return encoder_hidden_states[:, :split], encoder_hidden_states[:, split:]
 
@@ -99,17 +107,27 @@ class SUNAttnProcessor:
     ``state_dict`` stays the base model's.
     """
 
-    def __init__(self, layer: "SUNLayer", adapter: "SUNAdapter", original: Any) -> None:
+    def __init__(self, layer: SUNLayer, adapter: SUNAdapter, original: Any) -> None:
         self.layer = layer
         self.adapter = adapter
         self.original = original
 
-    def __call__(self, attn: "Attention", hidden_states: torch.Tensor,
-                 encoder_hidden_states: Optional[torch.Tensor] = None,
-                 attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if not self.adapter.enabled or encoder_hidden_states is None:
-            return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                 attention_mask=attention_mask, temb=temb)
+            return self.original(
+                attn,
+                hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                attention_mask=attention_mask,
+                temb=temb,
+            )
         config = self.adapter.config
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -140,16 +158,24 @@ class SUNAttnProcessor:
         # The adapter may be kept in another dtype than the frozen UNet (fp32 weights beside an fp16 UNet).
         weight_dtype = layer.to_k_neg.weight.dtype
         negative = negative.to(weight_dtype)
-        z_negative = _attend(attn, query, layer.to_k_neg(negative).to(query.dtype),
-                             layer.to_v_neg(negative).to(query.dtype), negative_mask)
-        correction = -attention_normalization(z_negative, z_prompt, layer.neg_alpha, layer.neg_beta,
-                                              config.norm_scope, config.norm_eps)
+        z_negative = _attend(
+            attn,
+            query,
+            layer.to_k_neg(negative).to(query.dtype),
+            layer.to_v_neg(negative).to(query.dtype),
+            negative_mask,
+        )
+        correction = -attention_normalization(
+            z_negative, z_prompt, layer.neg_alpha, layer.neg_beta, config.norm_scope, config.norm_eps
+        )
         if config.use_positive_branch:
             prompt = prompt.to(weight_dtype)
-            z_positive = _attend(attn, query, layer.to_k_pos(prompt).to(query.dtype),
-                                 layer.to_v_pos(prompt).to(query.dtype), prompt_mask)
-            correction = correction + attention_normalization(z_positive, z_prompt, layer.pos_alpha,
-                                                              layer.pos_beta, config.norm_scope, config.norm_eps)
+            z_positive = _attend(
+                attn, query, layer.to_k_pos(prompt).to(query.dtype), layer.to_v_pos(prompt).to(query.dtype), prompt_mask
+            )
+            correction = correction + attention_normalization(
+                z_positive, z_prompt, layer.pos_alpha, layer.pos_beta, config.norm_scope, config.norm_eps
+            )
         hidden_states = z_prompt + self.adapter.scale * correction
 
         hidden_states = attn.to_out[0](hidden_states)
@@ -173,12 +199,18 @@ class PositiveOnlyAttnProcessor:
         self.original = original
         self.num_negative_tokens = num_negative_tokens
 
-    def __call__(self, attn: "Attention", hidden_states: torch.Tensor,
-                 encoder_hidden_states: Optional[torch.Tensor] = None,
-                 attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if encoder_hidden_states is not None and encoder_hidden_states.shape[1] > self.num_negative_tokens:
-            encoder_hidden_states = encoder_hidden_states[:, :-self.num_negative_tokens]
+            encoder_hidden_states = encoder_hidden_states[:, : -self.num_negative_tokens]
             if attention_mask is not None and attention_mask.shape[-1] > encoder_hidden_states.shape[1]:
-                attention_mask = attention_mask[..., :encoder_hidden_states.shape[1]]
-        return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                             attention_mask=attention_mask, temb=temb)
+                attention_mask = attention_mask[..., : encoder_hidden_states.shape[1]]
+        return self.original(
+            attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, temb=temb
+        )

@@ -14,7 +14,8 @@ import argparse
 import json
 import statistics
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -43,8 +44,17 @@ class _EvalCounter:
         self.handle.remove()
 
 
-def run_one(flavour: str, device: str, dtype: str, batch_size: int, repeats: int, teacher_steps: int,
-            student_steps: int, guidance_scale: float, warmup: int = 1) -> dict[str, Any]:
+def run_one(
+    flavour: str,
+    device: str,
+    dtype: str,
+    batch_size: int,
+    repeats: int,
+    teacher_steps: int,
+    student_steps: int,
+    guidance_scale: float,
+    warmup: int = 1,
+) -> dict[str, Any]:
     from xa_lightning.backbones import build_backbone
     from xa_lightning.bench import device_name
     from xa_lightning.methods.sun.adapter import SUNAdapter
@@ -64,12 +74,17 @@ def run_one(flavour: str, device: str, dtype: str, batch_size: int, repeats: int
     prompts, negatives = [PROMPT] * batch_size, [NEGATIVE] * batch_size
 
     def teacher_call() -> None:
-        teacher(prompts, negative_prompt=negatives, num_inference_steps=teacher_steps,
-                guidance_scale=guidance_scale, generator=torch.Generator("cpu").manual_seed(0), output_type="pil")
+        teacher(
+            prompts,
+            negative_prompt=negatives,
+            num_inference_steps=teacher_steps,
+            guidance_scale=guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(0),
+            output_type="pil",
+        )
 
     def student_call() -> None:
-        student(prompts, negative_prompt=negatives, generator=torch.Generator("cpu").manual_seed(0),
-                output_type="pil")
+        student(prompts, negative_prompt=negatives, generator=torch.Generator("cpu").manual_seed(0), output_type="pil")
 
     def timed(call: Any, with_sun: bool) -> tuple[float, int]:
         (adapter.install if with_sun else adapter.uninstall)(unet)
@@ -113,11 +128,14 @@ def run_one(flavour: str, device: str, dtype: str, batch_size: int, repeats: int
     }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xa-bench sun", description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="auto",
-                        help="auto (tiny on CPU, plus full_shape on the GPU when present), or a comma list of "
-                             "flavour@device, e.g. tiny@cpu,full_shape@cuda")
+    parser.add_argument(
+        "--runs",
+        default="auto",
+        help="auto (tiny on CPU, plus full_shape on the GPU when present), or a comma list of "
+        "flavour@device, e.g. tiny@cpu,full_shape@cuda",
+    )
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -140,19 +158,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = []
     for flavour, device in runs:
         dtype = "fp16" if device.startswith("cuda") else "fp32"
-        result = run_one(flavour, device, dtype, args.batch_size, args.repeats, args.teacher_steps,
-                         args.student_steps, args.guidance_scale, args.warmup)
+        result = run_one(
+            flavour,
+            device,
+            dtype,
+            args.batch_size,
+            args.repeats,
+            args.teacher_steps,
+            args.student_steps,
+            args.guidance_scale,
+            args.warmup,
+        )
         print(json.dumps(result), flush=True)
         results.append(result)
     # the headline is the largest model measured (the GPU full-shape run when there is one)
     headline = results[-1]
-    summary = {"benchmark": "sun", "device": headline["device"], "backbone": headline["backbone"],
-               "teacher_s_per_image": headline["teacher_s_per_image"],
-               "sun_s_per_image": headline["sun_s_per_image"],
-               "teacher_unet_evals_per_image": headline["teacher_unet_evals_per_image"],
-               "sun_unet_evals_per_image": headline["sun_unet_evals_per_image"],
-               "bound": headline["bound"], "ratio": headline["ratio"], "target": TARGET_RATIO,
-               "meets_target": headline["ratio"] >= TARGET_RATIO, "runs": results}
+    summary = {
+        "benchmark": "sun",
+        "device": headline["device"],
+        "backbone": headline["backbone"],
+        "teacher_s_per_image": headline["teacher_s_per_image"],
+        "sun_s_per_image": headline["sun_s_per_image"],
+        "teacher_unet_evals_per_image": headline["teacher_unet_evals_per_image"],
+        "sun_unet_evals_per_image": headline["sun_unet_evals_per_image"],
+        "bound": headline["bound"],
+        "ratio": headline["ratio"],
+        "target": TARGET_RATIO,
+        "meets_target": headline["ratio"] >= TARGET_RATIO,
+        "runs": results,
+    }
     print(json.dumps(summary))
     return 0
 

@@ -16,8 +16,9 @@ rank. The numbering is derived from the target UNet, so other architectures conv
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,16 +27,25 @@ from xa_lightning.errors import UserError
 from xa_lightning.methods.sun.adapter import PROCESSOR_SUFFIX, SUNAdapter, cross_attention_layers
 
 # official suffix -> ours
-_NEGATIVE_KEYS = {"to_k_neg.weight": "to_k_neg.weight", "to_v_neg.weight": "to_v_neg.weight",
-                  "to_k_neg_alpha": "neg_alpha", "to_k_neg_beta": "neg_beta"}
-_POSITIVE_KEYS = {"to_k_extra_pos.weight": "to_k_pos.weight", "to_v_extra_pos.weight": "to_v_pos.weight",
-                  "to_k_extra_pos_alpha": "pos_alpha", "to_k_extra_pos_beta": "pos_beta"}
+_NEGATIVE_KEYS = {
+    "to_k_neg.weight": "to_k_neg.weight",
+    "to_v_neg.weight": "to_v_neg.weight",
+    "to_k_neg_alpha": "neg_alpha",
+    "to_k_neg_beta": "neg_beta",
+}
+_POSITIVE_KEYS = {
+    "to_k_extra_pos.weight": "to_k_pos.weight",
+    "to_v_extra_pos.weight": "to_v_pos.weight",
+    "to_k_extra_pos_alpha": "pos_alpha",
+    "to_k_extra_pos_beta": "pos_beta",
+}
 _IGNORED = {"scale"}
-_OFFICIAL_KEY = re.compile(r"^(?:.*\.)?(\d+)\.(" + "|".join(
-    re.escape(k) for k in [*_NEGATIVE_KEYS, *_POSITIVE_KEYS, *_IGNORED]) + r")$")
+_OFFICIAL_KEY = re.compile(
+    r"^(?:.*\.)?(\d+)\.(" + "|".join(re.escape(k) for k in [*_NEGATIVE_KEYS, *_POSITIVE_KEYS, *_IGNORED]) + r")$"
+)
 
 
-def official_indices(unet: nn.Module, layer_names: Optional[Sequence[str]] = None) -> list[int]:
+def official_indices(unet: nn.Module, layer_names: Sequence[str] | None = None) -> list[int]:
     """Each cross-attention layer's number in the official file: its position in ``unet.attn_processors``."""
     keys = [key[: -len(PROCESSOR_SUFFIX)] for key in unet.attn_processors]
     names = list(layer_names) if layer_names is not None else [name for name, _ in cross_attention_layers(unet)]
@@ -60,13 +70,17 @@ def official_to_sun(official: Mapping[str, torch.Tensor], indices: Sequence[int]
         if suffix in _IGNORED:
             continue
         if index not in rank:
-            raise UserError(f"SUN weight key {key!r} is for attention processor {index}, which is not a "
-                            f"cross-attention layer of this UNet (those are {list(indices)}); "
-                            "use weights made for this UNet architecture")
+            raise UserError(
+                f"SUN weight key {key!r} is for attention processor {index}, which is not a "
+                f"cross-attention layer of this UNet (those are {list(indices)}); "
+                "use weights made for this UNet architecture"
+            )
         ours[f"layers.{rank[index]}.{_NEGATIVE_KEYS.get(suffix) or _POSITIVE_KEYS[suffix]}"] = value
     if unknown:
-        raise UserError(f"SUN weight file has keys that are not SpeedUpNet's (e.g. {unknown[0]!r}); "
-                        "pass the official sun_adapter_*.safetensors or an xa-lightning SUN export")
+        raise UserError(
+            f"SUN weight file has keys that are not SpeedUpNet's (e.g. {unknown[0]!r}); "
+            "pass the official sun_adapter_*.safetensors or an xa-lightning SUN export"
+        )
     return ours
 
 
@@ -86,8 +100,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A ``.safetensors`` file, or a torch pickle read with ``weights_only=True`` (executes no code)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"SUN weight file {path} does not exist; download the official sun_adapter_*.safetensors "
-                        "or point to an exported adapter")
+        raise UserError(
+            f"SUN weight file {path} does not exist; download the official sun_adapter_*.safetensors "
+            "or point to an exported adapter"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -95,26 +111,39 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return dict(load_file(str(path)))
         return dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as error:  # corrupt / truncated / not a tensor file
-        raise UserError(f"cannot read SUN weights from {path} ({type(error).__name__}); "
-                        "re-download the file") from error
+        raise UserError(
+            f"cannot read SUN weights from {path} ({type(error).__name__}); re-download the file"
+        ) from error
 
 
-def load_official_adapter(path_or_state: str | Path | Mapping[str, torch.Tensor], unet: nn.Module,
-                          num_negative_tokens: int = 77, **adapter_kwargs: Any) -> SUNAdapter:
+def load_official_adapter(
+    path_or_state: str | Path | Mapping[str, torch.Tensor],
+    unet: nn.Module,
+    num_negative_tokens: int = 77,
+    **adapter_kwargs: Any,
+) -> SUNAdapter:
     """A :class:`SUNAdapter` for ``unet`` holding the official release's weights (not yet installed)."""
     official = path_or_state if isinstance(path_or_state, Mapping) else read_state_dict(path_or_state)
-    adapter = SUNAdapter.from_unet(unet, num_negative_tokens=num_negative_tokens,
-                                   use_positive_branch=has_positive_branch(official), projection_init="random",
-                                   **adapter_kwargs)
+    adapter = SUNAdapter.from_unet(
+        unet,
+        num_negative_tokens=num_negative_tokens,
+        use_positive_branch=has_positive_branch(official),
+        projection_init="random",
+        **adapter_kwargs,
+    )
     state = official_to_sun(official, official_indices(unet, adapter.config.layer_names))
     expected = adapter.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise UserError(f"SUN weight file lacks {missing[0]} (and {len(missing) - 1} more); "
-                        "it was not made for this UNet architecture")
+        raise UserError(
+            f"SUN weight file lacks {missing[0]} (and {len(missing) - 1} more); "
+            "it was not made for this UNet architecture"
+        )
     for key, value in state.items():
         if tuple(value.shape) != tuple(expected[key].shape):
-            raise UserError(f"SUN weight {key} has shape {tuple(value.shape)}, this UNet needs "
-                            f"{tuple(expected[key].shape)}; use weights made for this UNet architecture")
+            raise UserError(
+                f"SUN weight {key} has shape {tuple(value.shape)}, this UNet needs "
+                f"{tuple(expected[key].shape)}; use weights made for this UNet architecture"
+            )
     adapter.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
     return adapter

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ class SUNAdapterOptions:
     alpha_init: float = 1.0
     beta_init: float = 0.0
     projection_init: str = "copy"
-    init_weights: Optional[str] = None
+    init_weights: str | None = None
     require_init_weights: bool = False
 
 
@@ -52,8 +53,8 @@ class TeacherOptions:
 
     num_steps: int = 25
     guidance_scale: float = 7.5
-    guidance_scale_range: Optional[list[float]] = None
-    negative_prompts: Optional[str] = None
+    guidance_scale_range: list[float] | None = None
+    negative_prompts: str | None = None
     empty_negative_probability: float = 0.1
 
 
@@ -98,12 +99,17 @@ class SUNModule(AdapterModule):
 
     method = "sun"
 
-    def __init__(self, backbone: Any, adapter: Optional[SUNAdapterOptions | Mapping[str, Any]] = None,
-                 teacher: Optional[TeacherOptions | Mapping[str, Any]] = None,
-                 distillation: Optional[DistillationConfig | Mapping[str, Any]] = None,
-                 sampling: Optional[SamplingOptions | Mapping[str, Any]] = None,
-                 optimizer: Optional[Callable[..., torch.optim.Optimizer]] = None,
-                 lr_scheduler: Optional[Callable[..., Any]] = None, name: str = "sun") -> None:
+    def __init__(
+        self,
+        backbone: Any,
+        adapter: SUNAdapterOptions | Mapping[str, Any] | None = None,
+        teacher: TeacherOptions | Mapping[str, Any] | None = None,
+        distillation: DistillationConfig | Mapping[str, Any] | None = None,
+        sampling: SamplingOptions | Mapping[str, Any] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[..., Any] | None = None,
+        name: str = "sun",
+    ) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.run_name = name
         self.adapter_options = _coerce(adapter, SUNAdapterOptions, "method.adapter")
@@ -117,19 +123,25 @@ class SUNModule(AdapterModule):
 
             default = repo_root() / "evaluation" / "negative_prompts.txt"
             options.negative_prompts = str(default) if default.is_file() else None
-        self.negative_prompts = NegativePromptBank(options.negative_prompts,
-                                                   empty_probability=options.empty_negative_probability)
+        self.negative_prompts = NegativePromptBank(
+            options.negative_prompts, empty_probability=options.empty_negative_probability
+        )
         init_weights = self.adapter_options.init_weights
         if self.adapter_options.require_init_weights and not init_weights:
-            raise UserError("method.adapter.init_weights is required by this experiment: set it to the official "
-                            "sun_adapter_*.safetensors or an xa-lightning SUN adapter export directory")
+            raise UserError(
+                "method.adapter.init_weights is required by this experiment: set it to the official "
+                "sun_adapter_*.safetensors or an xa-lightning SUN adapter export directory"
+            )
         if init_weights and not Path(init_weights).exists():
-            raise UserError(f"method.adapter.init_weights={init_weights} does not exist; point it to the official "
-                            "sun_adapter_*.safetensors or an adapter export directory")
+            raise UserError(
+                f"method.adapter.init_weights={init_weights} does not exist; point it to the official "
+                "sun_adapter_*.safetensors or an adapter export directory"
+            )
         family = backbone.family if isinstance(backbone, torch.nn.Module) else dict(backbone).get("family")
         if family not in SUPPORTED_FAMILIES:
-            raise UserError(f"SUN supports backbone.family in {SUPPORTED_FAMILIES}, not {family!r}; "
-                            "use backbone=sd15 / sd15_tiny")
+            raise UserError(
+                f"SUN supports backbone.family in {SUPPORTED_FAMILIES}, not {family!r}; use backbone=sd15 / sd15_tiny"
+            )
 
         if not isinstance(backbone, torch.nn.Module):
             from xa_lightning.backbones import backbone_from_config
@@ -141,9 +153,14 @@ class SUNModule(AdapterModule):
         self.adapter = self._build_adapter(unet, num_tokens)
         self.adapter.install(unet)
 
-        self.teacher = CFGTeacher(unet, backbone.scheduler_config, self.adapter, num_steps=options.num_steps,
-                                  guidance_scale=options.guidance_scale,
-                                  guidance_scale_range=options.guidance_scale_range)
+        self.teacher = CFGTeacher(
+            unet,
+            backbone.scheduler_config,
+            self.adapter,
+            num_steps=options.num_steps,
+            guidance_scale=options.guidance_scale,
+            guidance_scale_range=options.guidance_scale_range,
+        )
         self.distillation = SUNDistillation(self.distillation_config, self.teacher, backbone.scheduler_config)
         self._negative_cache: dict[str, torch.Tensor] = {}
 
@@ -154,13 +171,20 @@ class SUNModule(AdapterModule):
             # the weights bring their own layer config (norm scope, positive branch); options only apply to new ones
             adapter = load_sun_adapter(options.init_weights, unet, num_negative_tokens=num_tokens)
             if adapter.config.num_negative_tokens != num_tokens:
-                raise UserError(f"method.adapter.init_weights={options.init_weights} reads "
-                                f"{adapter.config.num_negative_tokens} negative tokens, the tokenizer gives "
-                                f"{num_tokens}; use weights made for this text encoder")
+                raise UserError(
+                    f"method.adapter.init_weights={options.init_weights} reads "
+                    f"{adapter.config.num_negative_tokens} negative tokens, the tokenizer gives "
+                    f"{num_tokens}; use weights made for this text encoder"
+                )
             return adapter.to(unet.device)
-        return SUNAdapter.from_unet(unet, use_positive_branch=options.use_positive_branch,
-                                    alpha_init=options.alpha_init, beta_init=options.beta_init,
-                                    projection_init=options.projection_init, **kwargs)
+        return SUNAdapter.from_unet(
+            unet,
+            use_positive_branch=options.use_positive_branch,
+            alpha_init=options.alpha_init,
+            beta_init=options.beta_init,
+            projection_init=options.projection_init,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ text
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -210,9 +234,15 @@ class SUNModule(AdapterModule):
         resolution = self.backbone.resolution
         generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
         with torch.no_grad():
-            images = pipe(list(prompts), negative_prompt=[self.sampling.negative_prompt] * len(prompts),
-                          generator=generators, height=resolution, width=resolution, output_type="pt",
-                          **kwargs).images
+            images = pipe(
+                list(prompts),
+                negative_prompt=[self.sampling.negative_prompt] * len(prompts),
+                generator=generators,
+                height=resolution,
+                width=resolution,
+                output_type="pt",
+                **kwargs,
+            ).images
         return (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
     def sun_pipeline(self) -> SUNPipeline:
@@ -227,16 +257,20 @@ class SUNModule(AdapterModule):
         pipe.set_progress_bar_config(disable=not self.sampling.progress)
         return pipe
 
-    def sample_sun(self, prompts: list[str], seeds: list[int], references: Optional[torch.Tensor] = None
-                   ) -> torch.Tensor:
+    def sample_sun(self, prompts: list[str], seeds: list[int], references: torch.Tensor | None = None) -> torch.Tensor:
         return self._generate(self.sun_pipeline(), prompts, seeds)
 
-    def sample_teacher(self, prompts: list[str], seeds: list[int], references: Optional[torch.Tensor] = None
-                       ) -> torch.Tensor:
+    def sample_teacher(
+        self, prompts: list[str], seeds: list[int], references: torch.Tensor | None = None
+    ) -> torch.Tensor:
         with self.adapter.disabled():
-            return self._generate(self.teacher_pipeline(), prompts, seeds,
-                                  guidance_scale=self.teacher_options.guidance_scale,
-                                  num_inference_steps=self.teacher_options.num_steps)
+            return self._generate(
+                self.teacher_pipeline(),
+                prompts,
+                seeds,
+                guidance_scale=self.teacher_options.guidance_scale,
+                num_inference_steps=self.teacher_options.num_steps,
+            )
 
     def plugin_unet(self, name: str) -> torch.nn.Module:
         """A fine-tuned UNet from ``sampling.plugin_unets`` (loaded once, frozen, never checkpointed)."""
@@ -250,9 +284,10 @@ class SUNModule(AdapterModule):
             try:
                 unet = UNet2DConditionModel.from_pretrained(source, subfolder=subfolder, torch_dtype=backbone.dtype)
             except (OSError, ValueError) as error:
-                raise UserError(f"method.sampling.plugin_unets.{name}={source}: cannot load a UNet from it "
-                                f"({type(error).__name__}); give a diffusers UNet or pipeline directory / hub id"
-                                ) from error
+                raise UserError(
+                    f"method.sampling.plugin_unets.{name}={source}: cannot load a UNet from it "
+                    f"({type(error).__name__}); give a diffusers UNet or pipeline directory / hub id"
+                ) from error
             cache[name] = unet.requires_grad_(False).eval()
         unet = cache[name].to(backbone.device)
         self.adapter.check_compatible(unet)
@@ -262,25 +297,31 @@ class SUNModule(AdapterModule):
         import diffusers
 
         base = self.backbone.pipeline(scheduler=scheduler)
-        return diffusers.StableDiffusionPipeline(**{**base.components, "unet": self.plugin_unet(name)},
-                                                 requires_safety_checker=False)
+        return diffusers.StableDiffusionPipeline(
+            **{**base.components, "unet": self.plugin_unet(name)}, requires_safety_checker=False
+        )
 
     def _plugin_samplers(self, name: str) -> dict[str, Sampler]:
-        def sun(prompts: list[str], seeds: list[int], references: Optional[torch.Tensor] = None) -> torch.Tensor:
+        def sun(prompts: list[str], seeds: list[int], references: torch.Tensor | None = None) -> torch.Tensor:
             pipe = SUNPipeline(self._plugin_pipeline(name), self.adapter, num_inference_steps=self.sampling.steps)
             pipe.set_progress_bar_config(disable=not self.sampling.progress)
             return self._generate(pipe, prompts, seeds)
 
-        def teacher(prompts: list[str], seeds: list[int], references: Optional[torch.Tensor] = None) -> torch.Tensor:
+        def teacher(prompts: list[str], seeds: list[int], references: torch.Tensor | None = None) -> torch.Tensor:
             pipe = self._plugin_pipeline(name, scheduler=dpm_solver(self.backbone.scheduler_config))
             pipe.set_progress_bar_config(disable=not self.sampling.progress)
             with self.adapter.disabled():
-                return self._generate(pipe, prompts, seeds, guidance_scale=self.teacher_options.guidance_scale,
-                                      num_inference_steps=self.teacher_options.num_steps)
+                return self._generate(
+                    pipe,
+                    prompts,
+                    seeds,
+                    guidance_scale=self.teacher_options.guidance_scale,
+                    num_inference_steps=self.teacher_options.num_steps,
+                )
 
         return {f"sun_{name}": sun, f"teacher_{name}": teacher}
 
-    def evaluation_samplers(self) -> "OrderedDict[str, Sampler]":
+    def evaluation_samplers(self) -> OrderedDict[str, Sampler]:
         """``sun``: the student (4 steps, no CFG); ``teacher``: 25-step DPM-Solver++ with CFG, same seeds;
         then ``sun_<name>`` / ``teacher_<name>`` for every fine-tuned UNet in ``sampling.plugin_unets``."""
         samplers: OrderedDict[str, Sampler] = OrderedDict(sun=self.sample_sun, teacher=self.sample_teacher)

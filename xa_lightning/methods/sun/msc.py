@@ -19,8 +19,9 @@ The paper's exact MSC formula is not public; this is the reconstruction the proj
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -54,16 +55,20 @@ class DistillationConfig:
 
     objective: str = "msc"
     student_steps: int = 4
-    teacher_substeps: Optional[int] = None
+    teacher_substeps: int | None = None
     space: str = "x"
-    step_weights: Optional[Sequence[float]] = None
+    step_weights: Sequence[float] | None = None
     start_from: str = "data"
     detach_history: bool = True
     timestep_sampling: str = "student"
 
     def __post_init__(self) -> None:
-        checks = [("objective", OBJECTIVES), ("space", SPACES), ("start_from", START_FROM),
-                  ("timestep_sampling", TIMESTEP_SAMPLING)]
+        checks = [
+            ("objective", OBJECTIVES),
+            ("space", SPACES),
+            ("start_from", START_FROM),
+            ("timestep_sampling", TIMESTEP_SAMPLING),
+        ]
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise UserError(f"method.distillation.{name}={getattr(self, name)!r} is not one of {allowed}")
@@ -74,11 +79,13 @@ class DistillationConfig:
         if self.step_weights is not None:
             self.step_weights = [float(w) for w in self.step_weights]
             if len(self.step_weights) != self.student_steps:
-                raise UserError(f"method.distillation.step_weights has {len(self.step_weights)} entries; "
-                                f"give one per student step ({self.student_steps})")
+                raise UserError(
+                    f"method.distillation.step_weights has {len(self.step_weights)} entries; "
+                    f"give one per student step ({self.student_steps})"
+                )
 
 
-def _noise_coefficient(solver_alphas: torch.Tensor, t_from: int, t_to: Optional[int]) -> float:
+def _noise_coefficient(solver_alphas: torch.Tensor, t_from: int, t_to: int | None) -> float:
     """|d x_{t_to} / d eps| of a first-order DPM-Solver++ step: the eps-equivalent scale of a latent error.
 
     ``x_to = (s_to / s_from) x - a_to (e^{-h} - 1) x0_hat`` with ``x0_hat = (x - s_from eps) / a_from``,
@@ -107,7 +114,7 @@ class SUNDistillation:
         self.alphas_cumprod = solver.alphas_cumprod.float()
         self.num_train_timesteps = int(solver.config.num_train_timesteps)
 
-    def teacher_plan(self) -> list[tuple[list[int], Optional[int]]]:
+    def teacher_plan(self) -> list[tuple[list[int], int | None]]:
         """For each student interval: the teacher's timesteps and where it lands (``None`` = clean sample)."""
         plan = []
         for i, start in enumerate(self.student_grid):
@@ -119,9 +126,11 @@ class SUNDistillation:
         """Per-step loss weights: ``step_weights`` times, in eps space, 1 / noise coefficient^2."""
         weights = list(self.config.step_weights or [1.0] * len(self.student_grid))
         if self.config.space == "eps":
-            ends: list[Optional[int]] = [*self.student_grid[1:], None]
-            weights = [w / _noise_coefficient(self.alphas_cumprod, s, e) ** 2
-                       for w, s, e in zip(weights, self.student_grid, ends)]
+            ends: list[int | None] = [*self.student_grid[1:], None]
+            weights = [
+                w / _noise_coefficient(self.alphas_cumprod, s, e) ** 2
+                for w, s, e in zip(weights, self.student_grid, ends)
+            ]
         return weights
 
     def start_latents(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -131,17 +140,30 @@ class SUNDistillation:
         a = self.alphas_cumprod[t].to(latents.device, torch.float32)
         return (a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()).to(latents.dtype)
 
-    def __call__(self, student: StudentFn, latents: torch.Tensor, prompt_embeds: torch.Tensor,
-                 negative_embeds: torch.Tensor, guidance_scales: torch.Tensor,
-                 generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __call__(
+        self,
+        student: StudentFn,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor,
+        guidance_scales: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
         if self.config.objective == "cfg_eps":
             return self._cfg_eps(student, latents, noise, prompt_embeds, negative_embeds, guidance_scales, generator)
         return self._msc(student, latents, noise, prompt_embeds, negative_embeds, guidance_scales)
 
     # ------------------------------------------------------------------ objectives
-    def _msc(self, student: StudentFn, latents: torch.Tensor, noise: torch.Tensor, prompt_embeds: torch.Tensor,
-             negative_embeds: torch.Tensor, guidance_scales: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _msc(
+        self,
+        student: StudentFn,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor,
+        guidance_scales: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         from xa_lightning.methods.sun.attention import concat_negative
 
         student_states = concat_negative(prompt_embeds, negative_embeds)
@@ -164,9 +186,16 @@ class SUNDistillation:
             x = x_student
         return total / sum(weights), logs
 
-    def _cfg_eps(self, student: StudentFn, latents: torch.Tensor, noise: torch.Tensor, prompt_embeds: torch.Tensor,
-                 negative_embeds: torch.Tensor, guidance_scales: torch.Tensor,
-                 generator: Optional[torch.Generator]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _cfg_eps(
+        self,
+        student: StudentFn,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor,
+        guidance_scales: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         from xa_lightning.methods.sun.attention import concat_negative
 
         batch = latents.shape[0]

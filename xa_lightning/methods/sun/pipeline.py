@@ -10,7 +10,7 @@ CFG: one UNet call of batch B per step). A ControlNet sees only the prompt token
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
@@ -31,8 +31,10 @@ def load_sun_adapter(source: SUNAdapter | str | Path, unet: nn.Module, num_negat
     path = Path(source)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"{path} is not a SUN adapter directory (config.json missing); pass the adapter "
-                            "export of xa-train or the official sun_adapter_*.safetensors file")
+            raise UserError(
+                f"{path} is not a SUN adapter directory (config.json missing); pass the adapter "
+                "export of xa-train or the official sun_adapter_*.safetensors file"
+            )
         try:
             adapter = SUNAdapter.from_pretrained(str(path))
         except (OSError, ValueError, TypeError) as error:
@@ -59,8 +61,9 @@ class SUNPipeline:
     defined here (``vae``, ``unet``, ``scheduler``, ``to`` ...) are the wrapped pipeline's.
     """
 
-    def __init__(self, pipe: DiffusionPipeline, adapter: SUNAdapter | str | Path,
-                 num_inference_steps: int = DEFAULT_STEPS) -> None:
+    def __init__(
+        self, pipe: DiffusionPipeline, adapter: SUNAdapter | str | Path, num_inference_steps: int = DEFAULT_STEPS
+    ) -> None:
         if not hasattr(pipe, "encode_prompt") or not hasattr(pipe, "unet"):
             raise UserError(f"{type(pipe).__name__} is not a Stable Diffusion pipeline (no unet / encode_prompt)")
         num_tokens = int(getattr(pipe.tokenizer, "model_max_length", 77))
@@ -74,18 +77,25 @@ class SUNPipeline:
         self.num_inference_steps = int(num_inference_steps)
 
     @classmethod
-    def from_pretrained(cls, model: str | Path, adapter: SUNAdapter | str | Path,
-                        pipeline_class: type[DiffusionPipeline] = StableDiffusionPipeline,
-                        unet: Optional[nn.Module] = None, **kwargs: Any) -> "SUNPipeline":
+    def from_pretrained(
+        cls,
+        model: str | Path,
+        adapter: SUNAdapter | str | Path,
+        pipeline_class: type[DiffusionPipeline] = StableDiffusionPipeline,
+        unet: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> SUNPipeline:
         """Load a base model (hub id or local diffusers directory), optionally swap in a fine-tuned ``unet``."""
         kwargs.setdefault("safety_checker", None)
         if unet is not None:
             kwargs["unet"] = unet
         try:
             pipe = pipeline_class.from_pretrained(str(model), **kwargs)
-        except (OSError, ValueError, EnvironmentError) as error:
-            raise UserError(f"cannot load the base model {model!s} ({type(error).__name__}); pass a local diffusers "
-                            "directory or a hub id reachable from this machine") from error
+        except (OSError, ValueError) as error:
+            raise UserError(
+                f"cannot load the base model {model!s} ({type(error).__name__}); pass a local diffusers "
+                "directory or a hub id reachable from this machine"
+            ) from error
         return cls(pipe, adapter)
 
     def __getattr__(self, name: str) -> Any:
@@ -94,7 +104,7 @@ class SUNPipeline:
             raise AttributeError(name)
         return getattr(pipe, name)
 
-    def to(self, *args: Any, **kwargs: Any) -> "SUNPipeline":
+    def to(self, *args: Any, **kwargs: Any) -> SUNPipeline:
         self.pipe.to(*args, **kwargs)
         self.adapter.to(self.pipe.unet.device)
         return self
@@ -106,35 +116,69 @@ class SUNPipeline:
             return self.pipe._execution_device
         return unet.device
 
-    def encode(self, prompt: Any = None, negative_prompt: Any = None, prompt_embeds: Optional[torch.Tensor] = None,
-               negative_prompt_embeds: Optional[torch.Tensor] = None, clip_skip: Optional[int] = None,
-               lora_scale: Optional[float] = None) -> torch.Tensor:
+    def encode(
+        self,
+        prompt: Any = None,
+        negative_prompt: Any = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        clip_skip: int | None = None,
+        lora_scale: float | None = None,
+    ) -> torch.Tensor:
         """``cat([prompt, negative], tokens)``; no negative prompt means the empty prompt, as in CFG."""
         device = self._device()
         if isinstance(prompt, (list, tuple)) and isinstance(negative_prompt, str):
             negative_prompt = [negative_prompt] * len(prompt)  # one negative prompt for the whole batch
-        positive, negative = self.pipe.encode_prompt(prompt, device, 1, True, negative_prompt,
-                                                     prompt_embeds=prompt_embeds,
-                                                     negative_prompt_embeds=negative_prompt_embeds,
-                                                     lora_scale=lora_scale, clip_skip=clip_skip)
+        positive, negative = self.pipe.encode_prompt(
+            prompt,
+            device,
+            1,
+            True,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
         if negative.shape[1] != self.adapter.config.num_negative_tokens:
-            raise UserError(f"negative prompt embeddings have {negative.shape[1]} tokens, the SUN adapter reads "
-                            f"{self.adapter.config.num_negative_tokens}; pad negative_prompt_embeds to that length")
+            raise UserError(
+                f"negative prompt embeddings have {negative.shape[1]} tokens, the SUN adapter reads "
+                f"{self.adapter.config.num_negative_tokens}; pad negative_prompt_embeds to that length"
+            )
         return concat_negative(positive, negative)
 
     @torch.no_grad()
-    def __call__(self, prompt: Any = None, negative_prompt: Any = None, num_inference_steps: Optional[int] = None,
-                 prompt_embeds: Optional[torch.Tensor] = None, negative_prompt_embeds: Optional[torch.Tensor] = None,
-                 guidance_scale: Optional[float] = None, **kwargs: Any) -> Any:
+    def __call__(
+        self,
+        prompt: Any = None,
+        negative_prompt: Any = None,
+        num_inference_steps: int | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
         if guidance_scale is not None and guidance_scale > 1:
-            raise UserError(f"guidance_scale={guidance_scale}: SUN samples without classifier-free guidance; "
-                            "leave guidance_scale unset (the negative prompt still applies through SUN)")
+            raise UserError(
+                f"guidance_scale={guidance_scale}: SUN samples without classifier-free guidance; "
+                "leave guidance_scale unset (the negative prompt still applies through SUN)"
+            )
         cross_attention_kwargs = kwargs.get("cross_attention_kwargs") or {}
-        states = self.encode(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                             clip_skip=kwargs.pop("clip_skip", None), lora_scale=cross_attention_kwargs.get("scale"))
+        states = self.encode(
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            clip_skip=kwargs.pop("clip_skip", None),
+            lora_scale=cross_attention_kwargs.get("scale"),
+        )
         if next(self.adapter.parameters()).device != self.pipe.unet.device:
             self.adapter.to(self.pipe.unet.device)
         if not self.adapter.is_installed(self.pipe.unet):  # e.g. the user replaced pipe.unet
             self.adapter.install(self.pipe.unet)
-        return self.pipe(prompt_embeds=states, guidance_scale=1.0,
-                         num_inference_steps=num_inference_steps or self.num_inference_steps, **kwargs)
+        return self.pipe(
+            prompt_embeds=states,
+            guidance_scale=1.0,
+            num_inference_steps=num_inference_steps or self.num_inference_steps,
+            **kwargs,
+        )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,8 +20,14 @@ def dpm_solver(scheduler_config: Mapping[str, Any], **overrides: Any) -> DPMSolv
 
     Trailing spacing starts the 4-step grid at t=999, so the first step sees (nearly) pure noise.
     """
-    options: dict[str, Any] = {"algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "trailing",
-                               "use_karras_sigmas": False, "lower_order_final": True, "final_sigmas_type": "zero"}
+    options: dict[str, Any] = {
+        "algorithm_type": "dpmsolver++",
+        "solver_order": 2,
+        "timestep_spacing": "trailing",
+        "use_karras_sigmas": False,
+        "lower_order_final": True,
+        "final_sigmas_type": "zero",
+    }
     options.update(overrides)
     config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
     return DPMSolverMultistepScheduler.from_config({**config, **options})
@@ -33,7 +40,7 @@ def trailing_timesteps(scheduler_config: Mapping[str, Any], num_steps: int) -> l
     return [int(t) for t in solver.timesteps]
 
 
-def substep_timesteps(start: int, end: Optional[int], count: int) -> list[int]:
+def substep_timesteps(start: int, end: int | None, count: int) -> list[int]:
     """Teacher timesteps from ``start`` towards ``end`` in ``count`` roughly equal sub-steps.
 
     With ``end`` the list closes with ``end`` (``count`` steps land exactly on it); with ``end=None``
@@ -59,12 +66,15 @@ class NegativePromptBank:
     samples use the empty prompt, so the student also learns plain (prompt-only) sampling.
     """
 
-    def __init__(self, path: Optional[str | Path] = None, prompts: Optional[Sequence[str]] = None,
-                 empty_probability: float = 0.0) -> None:
+    def __init__(
+        self, path: str | Path | None = None, prompts: Sequence[str] | None = None, empty_probability: float = 0.0
+    ) -> None:
         if prompts is None:
             if path is None:
-                raise UserError("method.teacher.negative_prompts is not set; point it to a file with one "
-                                "negative prompt per line (e.g. evaluation/negative_prompts.txt)")
+                raise UserError(
+                    "method.teacher.negative_prompts is not set; point it to a file with one "
+                    "negative prompt per line (e.g. evaluation/negative_prompts.txt)"
+                )
             path = Path(path)
             if not path.is_file():
                 raise UserError(f"negative-prompt file {path} does not exist; fix method.teacher.negative_prompts")
@@ -84,7 +94,7 @@ class NegativePromptBank:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def sample(self, count: int, generator: Optional[torch.Generator] = None) -> list[str]:
+    def sample(self, count: int, generator: torch.Generator | None = None) -> list[str]:
         index = torch.randint(len(self.prompts), (count,), generator=generator).tolist()
         empty = torch.rand(count, generator=generator).lt(self.empty_probability).tolist()
         return ["" if e else self.prompts[i] for i, e in zip(index, empty)]
@@ -99,16 +109,24 @@ class CFGTeacher:
     calls, so the teacher is exactly the original model.
     """
 
-    def __init__(self, unet: nn.Module, scheduler_config: Mapping[str, Any], adapter: Optional[SUNAdapter] = None,
-                 num_steps: int = 25, guidance_scale: float = 7.5,
-                 guidance_scale_range: Optional[Sequence[float]] = None) -> None:
+    def __init__(
+        self,
+        unet: nn.Module,
+        scheduler_config: Mapping[str, Any],
+        adapter: SUNAdapter | None = None,
+        num_steps: int = 25,
+        guidance_scale: float = 7.5,
+        guidance_scale_range: Sequence[float] | None = None,
+    ) -> None:
         if num_steps < 1:
             raise UserError(f"method.teacher.num_steps={num_steps} must be >= 1")
         if guidance_scale_range is not None:
             lo, hi = (float(v) for v in guidance_scale_range)
             if not 1.0 <= lo <= hi:
-                raise UserError(f"method.teacher.guidance_scale_range={list(guidance_scale_range)} must be [lo, hi] "
-                                "with 1 <= lo <= hi")
+                raise UserError(
+                    f"method.teacher.guidance_scale_range={list(guidance_scale_range)} must be [lo, hi] "
+                    "with 1 <= lo <= hi"
+                )
             guidance_scale_range = (lo, hi)
         self.unet = unet
         self.scheduler_config = dict(scheduler_config)
@@ -117,8 +135,9 @@ class CFGTeacher:
         self.guidance_scale = float(guidance_scale)
         self.guidance_scale_range = guidance_scale_range
 
-    def sample_guidance_scales(self, count: int, device: torch.device,
-                               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample_guidance_scales(
+        self, count: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         if self.guidance_scale_range is None:
             return torch.full((count,), self.guidance_scale, device=device)
         lo, hi = self.guidance_scale_range
@@ -132,22 +151,38 @@ class CFGTeacher:
         return self.adapter.disabled()
 
     @torch.no_grad()
-    def guided_output(self, latents: torch.Tensor, timestep: torch.Tensor | int, prompt_embeds: torch.Tensor,
-                      negative_embeds: torch.Tensor, guidance_scales: torch.Tensor) -> torch.Tensor:
+    def guided_output(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor | int,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor,
+        guidance_scales: torch.Tensor,
+    ) -> torch.Tensor:
         """CFG model output (eps or v, whatever the UNet predicts) for a batch, in one UNet call."""
         if torch.is_tensor(timestep) and timestep.ndim == 1:  # per-sample timesteps follow the doubled batch
             timestep = torch.cat([timestep, timestep])
         dtype = self.unet.dtype
         with self._disabled():
-            both = self.unet(torch.cat([latents, latents]).to(dtype), timestep,
-                             encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds]).to(dtype)).sample
+            both = self.unet(
+                torch.cat([latents, latents]).to(dtype),
+                timestep,
+                encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds]).to(dtype),
+            ).sample
         unconditional, conditional = both.float().chunk(2)
         scale = guidance_scales.float().view(-1, *([1] * (latents.ndim - 1)))
         return (unconditional + scale * (conditional - unconditional)).to(latents.dtype)
 
     @torch.no_grad()
-    def solve(self, latents: torch.Tensor, timesteps: Sequence[int], prompt_embeds: torch.Tensor,
-              negative_embeds: torch.Tensor, guidance_scales: torch.Tensor, land_on: Optional[int]) -> torch.Tensor:
+    def solve(
+        self,
+        latents: torch.Tensor,
+        timesteps: Sequence[int],
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor,
+        guidance_scales: torch.Tensor,
+        land_on: int | None,
+    ) -> torch.Tensor:
         """Run DPM-Solver++ from ``latents`` at ``timesteps[0]`` through ``timesteps`` to ``land_on``.
 
         ``land_on`` must be ``timesteps[-1]`` (the solver then takes ``len(timesteps) - 1`` steps and stops

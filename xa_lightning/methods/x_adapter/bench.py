@@ -4,9 +4,10 @@ Training: one X-Adapter step (base forward + mapper + upgraded forward/backward 
 plain upgraded-model denoising steps on the same cached batch (latents + caption embeddings): forward +
 backward to the input (what training anything inside the upgraded model costs; ``ratio``) and a
 forward alone (``forward_ratio``); time and peak memory. X-Adapter's backward stops at the first mapped
-block, so its step can cost less than a full backward through the upgraded UNet. Inference: two-stage X-Adapter sampling against the upgraded model's own
-diffusers pipeline, same steps and CFG. Tiny backbones on the CPU, ``full_shape`` ones (real
-architectures, random weights) when a GPU is present. Prints one JSON object as the last line.
+block, so its step can cost less than a full backward through the upgraded UNet. Inference: two-stage
+X-Adapter sampling against the upgraded model's own diffusers pipeline, same steps and CFG. Tiny backbones
+on the CPU, ``full_shape`` ones (real architectures, random weights) when a GPU is present.
+Prints one JSON object as the last line.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import gc
 import json
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -84,7 +86,7 @@ def timed(fn: Callable[[], Any], steps: int, device: str) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from xa_lightning.backbones import build_backbone
     from xa_lightning.bench import device_name
     from xa_lightning.methods.x_adapter.lit_module import XAdapterModule
@@ -107,12 +109,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # The SDXL VAE overflows in half precision: keep it fp32, as real SDXL training does.
     base = build_backbone("sd15", flavour, dtype=dtype, device=device)
     upgraded = build_backbone("sdxl", flavour, dtype=dtype, vae_dtype="fp32", device=device)
-    module = XAdapterModule(base_backbone=base, upgraded_backbone=upgraded,
-                            optimizer=functools.partial(torch.optim.AdamW, lr=1e-5),
-                            training={"gradient_checkpointing": args.gradient_checkpointing,
-                                      "cached_upgraded_latents": True},
-                            sampling={"steps": sample_steps, "adapter_guidance_start": args.alpha,
-                                      "guidance_scale": 7.5})
+    module = XAdapterModule(
+        base_backbone=base,
+        upgraded_backbone=upgraded,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-5),
+        training={"gradient_checkpointing": args.gradient_checkpointing, "cached_upgraded_latents": True},
+        sampling={"steps": sample_steps, "adapter_guidance_start": args.alpha, "guidance_scale": 7.5},
+    )
     module.to(device)
     optimizer = module.configure_optimizers()
 
@@ -120,10 +123,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     generator = torch.Generator(device="cpu").manual_seed(0)
     captions = ["a photograph of an astronaut riding a horse"] * batch
     with torch.no_grad():
-        cached = {"latents": torch.randn(batch, 4, size_b, size_b, generator=generator).to(device, base.dtype),
-                  f"latents_{upgraded.resolution}": torch.randn(batch, 4, size_u, size_u,
-                                                               generator=generator).to(device, upgraded.dtype),
-                  "prompt_embeds": base.encode_text(captions).prompt_embeds, "caption": captions}
+        cached = {
+            "latents": torch.randn(batch, 4, size_b, size_b, generator=generator).to(device, base.dtype),
+            f"latents_{upgraded.resolution}": torch.randn(batch, 4, size_u, size_u, generator=generator).to(
+                device, upgraded.dtype
+            ),
+            "prompt_embeds": base.encode_text(captions).prompt_embeds,
+            "caption": captions,
+        }
         cond = upgraded.encode_text(captions)
         added = upgraded.added_cond_kwargs(cond)
 
@@ -165,16 +172,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         upgraded_s = timed(lambda: module.sample_upgraded(prompts, seeds), 1, device)
 
     result = {
-        "benchmark": "x-adapter", "device": device_name(device), "flavour": flavour, "dtype": dtype,
-        "batch_size": batch, "gradient_checkpointing": args.gradient_checkpointing,
+        "benchmark": "x-adapter",
+        "device": device_name(device),
+        "flavour": flavour,
+        "dtype": dtype,
+        "batch_size": batch,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "mapper_params_m": sum(p.numel() for p in module.adapter.parameters()) / 1e6,
-        "train_step_s": {"x_adapter": x_adapter_s, "upgraded_forward_backward": plain_s,
-                         "upgraded_forward": forward_s},
+        "train_step_s": {"x_adapter": x_adapter_s, "upgraded_forward_backward": plain_s, "upgraded_forward": forward_s},
         # CUDA: allocator peak; CPU: sampled process RSS above the level at start (approximate)
-        "train_peak_mib": {"x_adapter": xa_memory["peak_mib"], "upgraded_forward_backward": plain_memory["peak_mib"],
-                           "upgraded_forward": forward_memory["peak_mib"]},
-        "sampling": {"steps": sample_steps, "adapter_guidance_start": args.alpha, "guidance_scale": 7.5,
-                     "x_adapter_two_stage_s": two_stage_s, "upgraded_only_s": upgraded_s},
+        "train_peak_mib": {
+            "x_adapter": xa_memory["peak_mib"],
+            "upgraded_forward_backward": plain_memory["peak_mib"],
+            "upgraded_forward": forward_memory["peak_mib"],
+        },
+        "sampling": {
+            "steps": sample_steps,
+            "adapter_guidance_start": args.alpha,
+            "guidance_scale": 7.5,
+            "x_adapter_two_stage_s": two_stage_s,
+            "upgraded_only_s": upgraded_s,
+        },
         # baseline cost / our cost (below 1: X-Adapter costs more than the upgraded model alone)
         "ratio": plain_s / x_adapter_s,
         "forward_ratio": forward_s / x_adapter_s,

@@ -18,8 +18,8 @@ variants the release never used (timestep embedding, GroupNorm, skip convs, SPAD
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 
@@ -44,21 +44,25 @@ def _strip_wrappers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     for key, value in state_dict.items():
         for prefix in ("module.", "adapter."):
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 
 
-def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor], source: str = "state dict",
-                                base_blocks: Sequence[str] = OFFICIAL_BASE_BLOCKS,
-                                upgraded_blocks: Sequence[str] = OFFICIAL_UPGRADED_BLOCKS,
-                                ) -> tuple[dict, dict[str, torch.Tensor]]:
+def convert_official_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    source: str = "state dict",
+    base_blocks: Sequence[str] = OFFICIAL_BASE_BLOCKS,
+    upgraded_blocks: Sequence[str] = OFFICIAL_UPGRADED_BLOCKS,
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """Official key layout -> (``XAdapterMapper`` config kwargs, our state dict)."""
     state_dict = _strip_wrappers(state_dict)
     bad = sorted(k for k in state_dict if any(part in k.split(".") for part in _UNSUPPORTED))
     if bad:
-        raise UserError(f"{source}: key {bad[0]!r} belongs to an official mapper variant (timestep / norm / skip "
-                        "conv / SPADE) that X_Adapter_v1 does not use and this converter does not support")
+        raise UserError(
+            f"{source}: key {bad[0]!r} belongs to an official mapper variant (timestep / norm / skip "
+            "conv / SPADE) that X_Adapter_v1 does not use and this converter does not support"
+        )
     body: dict[int, dict[str, torch.Tensor]] = {}
     outs: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
@@ -67,13 +71,22 @@ def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor], source: 
         elif match := _OUT_KEY.match(key):
             outs.setdefault(int(match[1]), {})[match[2]] = value
         else:
-            raise UserError(f"{source}: unexpected key {key!r}; expected the official X-Adapter layout "
-                            "(body.N.block1.weight, ..., zero_out.N.weight)")
+            raise UserError(
+                f"{source}: unexpected key {key!r}; expected the official X-Adapter layout "
+                "(body.N.block1.weight, ..., zero_out.N.weight)"
+            )
     num_stages = len(outs)
-    if num_stages == 0 or not body or sorted(outs) != list(range(num_stages)) \
-            or sorted(body) != list(range(len(body))) or len(body) % num_stages:
-        raise UserError(f"{source}: the official layout needs zero_out.0..S-1 and S*R body blocks; "
-                        f"found {num_stages} zero_out and {len(body)} body entries")
+    if (
+        num_stages == 0
+        or not body
+        or sorted(outs) != list(range(num_stages))
+        or sorted(body) != list(range(len(body)))
+        or len(body) % num_stages
+    ):
+        raise UserError(
+            f"{source}: the official layout needs zero_out.0..S-1 and S*R body blocks; "
+            f"found {num_stages} zero_out and {len(body)} body entries"
+        )
     blocks_per_stage = len(body) // num_stages
     if len(base_blocks) != num_stages or len(upgraded_blocks) != num_stages:
         raise UserError(f"{source} has {num_stages} stages; pass as many base_blocks / upgraded_blocks")
@@ -95,15 +108,24 @@ def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor], source: 
                 converted[f"stages.{stage}.blocks.{j}.{_OURS[module]}.{param}"] = value
         for param, value in outs[stage].items():
             converted[f"stages.{stage}.zero_out.{param}"] = value
-    config = dict(in_channels=in_channels, out_channels=out_channels, resample=resample,
-                  base_blocks=list(base_blocks), upgraded_blocks=list(upgraded_blocks),
-                  num_res_blocks=blocks_per_stage, kernel_size=kernel_size, fusion_type="add")
+    config = dict(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        resample=resample,
+        base_blocks=list(base_blocks),
+        upgraded_blocks=list(upgraded_blocks),
+        num_res_blocks=blocks_per_stage,
+        kernel_size=kernel_size,
+        fusion_type="add",
+    )
     return config, converted
 
 
-def load_official_mapper(path_or_state_dict: str | Path | Mapping[str, torch.Tensor],
-                         base_blocks: Sequence[str] = OFFICIAL_BASE_BLOCKS,
-                         upgraded_blocks: Sequence[str] = OFFICIAL_UPGRADED_BLOCKS) -> XAdapterMapper:
+def load_official_mapper(
+    path_or_state_dict: str | Path | Mapping[str, torch.Tensor],
+    base_blocks: Sequence[str] = OFFICIAL_BASE_BLOCKS,
+    upgraded_blocks: Sequence[str] = OFFICIAL_UPGRADED_BLOCKS,
+) -> XAdapterMapper:
     """An :class:`XAdapterMapper` holding the official weights (``.bin`` / ``.pt`` / ``.safetensors``)."""
     if isinstance(path_or_state_dict, Mapping):
         state_dict, source = path_or_state_dict, "state dict"
@@ -111,15 +133,18 @@ def load_official_mapper(path_or_state_dict: str | Path | Mapping[str, torch.Ten
         path = Path(path_or_state_dict)
         source = str(path)
         if not path.is_file():
-            raise UserError(f"X-Adapter checkpoint {path} does not exist; download X_Adapter_v1.bin from the "
-                            "official release and pass its path")
+            raise UserError(
+                f"X-Adapter checkpoint {path} does not exist; download X_Adapter_v1.bin from the "
+                "official release and pass its path"
+            )
         try:
             if path.suffix == ".safetensors":
                 from safetensors.torch import load_file
+
                 state_dict = load_file(path)
             else:  # weights_only: a .bin must hold tensors only, never code
                 state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any unreadable file is the user's to fix
+        except Exception as error:
             raise UserError(f"cannot read X-Adapter checkpoint {path}: {error}") from None
         if not isinstance(state_dict, Mapping):
             raise UserError(f"{path} does not hold a state dict")

@@ -13,7 +13,8 @@ return ``(hidden_states, skip_states)`` where the last skip state is the same te
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,6 +44,7 @@ def capture_block_outputs(unet: nn.Module, names: Sequence[str]) -> Iterator[dic
     def make_hook(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             features[name] = _hidden_of(output)
+
         return hook
 
     try:
@@ -77,8 +79,12 @@ class ResidualInjector:
         self.mapped: dict[int, Any] = {}
         self.enabled = True
 
-    def set_base_features(self, features: Sequence[torch.Tensor] | None, scale: float | torch.Tensor = 1.0,
-                          fusion_guidance_scale: float | None = None) -> None:
+    def set_base_features(
+        self,
+        features: Sequence[torch.Tensor] | None,
+        scale: float | torch.Tensor = 1.0,
+        fusion_guidance_scale: float | None = None,
+    ) -> None:
         """Features for the next upgraded forward pass, in stage order; ``None`` disables fusion."""
         self.base_features = list(features) if features is not None else None
         self.scale = scale
@@ -91,18 +97,23 @@ class ResidualInjector:
                 return output
             hidden = _hidden_of(output)
             if stage not in self.mapped:
-                self.mapped[stage] = self.mapper.stages[stage](self.base_features[stage].to(
-                    next(self.mapper.parameters()).dtype), tuple(hidden.shape[-2:]))
+                self.mapped[stage] = self.mapper.stages[stage](
+                    self.base_features[stage].to(next(self.mapper.parameters()).dtype), tuple(hidden.shape[-2:])
+                )
             mapped = self.mapped[stage]
             batch = hidden.shape[0]
-            mapped = (_match_batch(mapped, batch) if isinstance(mapped, torch.Tensor)
-                      else tuple(_match_batch(m, batch) for m in mapped))
+            mapped = (
+                _match_batch(mapped, batch)
+                if isinstance(mapped, torch.Tensor)
+                else tuple(_match_batch(m, batch) for m in mapped)
+            )
             fused = self.mapper.fuse(stage, hidden, mapped, self.scale, self.fusion_guidance_scale)
             return _replace_hidden(output, fused)
+
         return hook
 
     @contextlib.contextmanager
-    def active(self) -> Iterator["ResidualInjector"]:
+    def active(self) -> Iterator[ResidualInjector]:
         handles = []
         try:
             for stage, name in enumerate(self.mapper.config.upgraded_blocks):

@@ -12,9 +12,10 @@ One training step (null-text training, the paper's Sec. 3.2):
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,24 +43,28 @@ class MapperOptions:
 
     insertion: str = "decoder"
     num_stages: int = 3
-    block_pairs: Optional[list[list[str]]] = None
+    block_pairs: list[list[str]] | None = None
     num_res_blocks: int = 3
     kernel_size: int = 3
     fusion_type: str = "add"
-    init_weights: Optional[str] = None
+    init_weights: str | None = None
     require_init_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.require_init_weights and not self.init_weights:
-            raise UserError("method.mapper.init_weights is required by this experiment (it evaluates a trained "
-                            "mapper): pass X_Adapter_v1.bin or a run's adapter/ export, or set X_ADAPTER_WEIGHTS")
+            raise UserError(
+                "method.mapper.init_weights is required by this experiment (it evaluates a trained "
+                "mapper): pass X_Adapter_v1.bin or a run's adapter/ export, or set X_ADAPTER_WEIGHTS"
+            )
         if self.insertion not in INSERTION_PLACES:
             raise UserError(f"method.mapper.insertion={self.insertion!r} is not one of {INSERTION_PLACES}")
         if self.fusion_type not in FUSION_TYPES:
             raise UserError(f"method.mapper.fusion_type={self.fusion_type!r} is not one of {FUSION_TYPES}")
         if self.init_weights is not None and not Path(self.init_weights).exists():
-            raise UserError(f"method.mapper.init_weights={self.init_weights} does not exist; give X_Adapter_v1.bin "
-                            "or an exported adapter directory")
+            raise UserError(
+                f"method.mapper.init_weights={self.init_weights} does not exist; give X_Adapter_v1.bin "
+                "or an exported adapter directory"
+            )
 
 
 @dataclass
@@ -95,10 +100,10 @@ class SamplingOptions:
     steps: int = 50
     scheduler: str = "dpmsolver++"
     guidance_scale: float = 7.5
-    base_guidance_scale: Optional[float] = None
+    base_guidance_scale: float | None = None
     adapter_guidance_start: float = 0.8
     adapter_condition_scale: float = 1.0
-    fusion_guidance_scale: Optional[float] = None
+    fusion_guidance_scale: float | None = None
     negative_prompt: str = ""
     base_prompt_suffix: str = ""
     progress: bool = False
@@ -117,11 +122,11 @@ class PluginOptions:
     """
 
     kind: str = "none"
-    path: Optional[str] = None
+    path: str | None = None
     scale: float = 1.0
     condition: str = "identity"
-    img2img_strength: Optional[float] = None
-    lora_format: Optional[str] = None
+    img2img_strength: float | None = None
+    lora_format: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -131,8 +136,9 @@ class PluginOptions:
             raise UserError(f"method.plugin.condition={self.condition!r} must be identity or canny")
         if self.img2img_strength is not None and not 0.0 < self.img2img_strength <= 1.0:
             raise UserError(f"method.plugin.img2img_strength={self.img2img_strength} must be in (0, 1] or null")
-        looks_local = self.path is not None and (self.path.startswith((".", "/", "~")) or
-                                                 Path(self.path).suffix in (".safetensors", ".bin", ".pt"))
+        looks_local = self.path is not None and (
+            self.path.startswith((".", "/", "~")) or Path(self.path).suffix in (".safetensors", ".bin", ".pt")
+        )
         if looks_local and not Path(self.path).expanduser().exists():
             raise UserError(f"method.plugin.path={self.path} does not exist")
 
@@ -145,8 +151,10 @@ def _build_backbone(spec: Any, key: str) -> torch.nn.Module:
     if isinstance(spec, torch.nn.Module):
         return spec
     if spec is None:
-        raise UserError(f"method.{key} is not set; give it a backbone config (in conf/method/x_adapter.yaml: "
-                        f"defaults: [/backbone@{key}: <option>])")
+        raise UserError(
+            f"method.{key} is not set; give it a backbone config (in conf/method/x_adapter.yaml: "
+            f"defaults: [/backbone@{key}: <option>])"
+        )
     from xa_lightning.backbones import backbone_from_config
 
     return backbone_from_config(spec)
@@ -166,13 +174,18 @@ class XAdapterModule(AdapterModule):
 
     method = "x_adapter"
 
-    def __init__(self, base_backbone: Any = None, upgraded_backbone: Any = None,
-                 mapper: Optional[MapperOptions | Mapping[str, Any]] = None,
-                 training: Optional[TrainingOptions | Mapping[str, Any]] = None,
-                 sampling: Optional[SamplingOptions | Mapping[str, Any]] = None,
-                 plugin: Optional[PluginOptions | Mapping[str, Any]] = None,
-                 optimizer: Optional[Callable[..., torch.optim.Optimizer]] = None,
-                 lr_scheduler: Optional[Callable[..., Any]] = None, name: str = "x_adapter") -> None:
+    def __init__(
+        self,
+        base_backbone: Any = None,
+        upgraded_backbone: Any = None,
+        mapper: MapperOptions | Mapping[str, Any] | None = None,
+        training: TrainingOptions | Mapping[str, Any] | None = None,
+        sampling: SamplingOptions | Mapping[str, Any] | None = None,
+        plugin: PluginOptions | Mapping[str, Any] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[..., Any] | None = None,
+        name: str = "x_adapter",
+    ) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.run_name = name
         self.mapper_options = _coerce(mapper, MapperOptions, "mapper")
@@ -183,11 +196,15 @@ class XAdapterModule(AdapterModule):
         base = _build_backbone(base_backbone, "base_backbone")
         upgraded = _build_backbone(upgraded_backbone, "upgraded_backbone")
         if base.family not in BASE_FAMILIES:
-            raise UserError(f"method.base_backbone.family={base.family!r}: X-Adapter's base model must be a "
-                            f"UNet with one text encoder ({', '.join(BASE_FAMILIES)})")
+            raise UserError(
+                f"method.base_backbone.family={base.family!r}: X-Adapter's base model must be a "
+                f"UNet with one text encoder ({', '.join(BASE_FAMILIES)})"
+            )
         if upgraded.family not in UPGRADED_FAMILIES:
-            raise UserError(f"method.upgraded_backbone.family={upgraded.family!r}: X-Adapter maps into a UNet "
-                            f"({', '.join(UPGRADED_FAMILIES)}); DiT upgraded models are not supported")
+            raise UserError(
+                f"method.upgraded_backbone.family={upgraded.family!r}: X-Adapter maps into a UNet "
+                f"({', '.join(UPGRADED_FAMILIES)}); DiT upgraded models are not supported"
+            )
         self.base = self.add_backbone("base", base)
         self.upgraded = self.add_backbone("upgraded", upgraded)
         self.adapter = self._build_mapper()
@@ -208,10 +225,18 @@ class XAdapterModule(AdapterModule):
         options = self.mapper_options
         base_size = (self.base.latent_size, self.base.latent_size)
         upgraded_size = (self.upgraded.latent_size, self.upgraded.latent_size)
-        mapper = XAdapterMapper.from_unets(self.base.denoiser, self.upgraded.denoiser, base_size, upgraded_size,
-                                           insertion=options.insertion, num_stages=options.num_stages,
-                                           block_pairs=options.block_pairs, num_res_blocks=options.num_res_blocks,
-                                           kernel_size=options.kernel_size, fusion_type=options.fusion_type)
+        mapper = XAdapterMapper.from_unets(
+            self.base.denoiser,
+            self.upgraded.denoiser,
+            base_size,
+            upgraded_size,
+            insertion=options.insertion,
+            num_stages=options.num_stages,
+            block_pairs=options.block_pairs,
+            num_res_blocks=options.num_res_blocks,
+            kernel_size=options.kernel_size,
+            fusion_type=options.fusion_type,
+        )
         if options.init_weights is None:
             return mapper
         path = Path(options.init_weights)
@@ -219,28 +244,34 @@ class XAdapterModule(AdapterModule):
             try:
                 loaded = XAdapterMapper.from_pretrained(path)
             except (OSError, ValueError) as error:
-                raise UserError(f"method.mapper.init_weights={path} is not an exported mapper ({error}); give the "
-                                "adapter/ directory of an X-Adapter run or X_Adapter_v1.bin") from None
+                raise UserError(
+                    f"method.mapper.init_weights={path} is not an exported mapper ({error}); give the "
+                    "adapter/ directory of an X-Adapter run or X_Adapter_v1.bin"
+                ) from None
         else:
             from xa_lightning.methods.x_adapter.converter import load_official_mapper
 
             loaded = load_official_mapper(path, mapper.config.base_blocks, mapper.config.upgraded_blocks)
-        mine = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in mapper.config.items()
-                if not k.startswith("_")}
-        theirs = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in loaded.config.items()
-                  if not k.startswith("_")}
+        mine = {
+            k: list(v) if isinstance(v, (list, tuple)) else v for k, v in mapper.config.items() if not k.startswith("_")
+        }
+        theirs = {
+            k: list(v) if isinstance(v, (list, tuple)) else v for k, v in loaded.config.items() if not k.startswith("_")
+        }
         if mine != theirs:
             differing = sorted(k for k in mine if mine[k] != theirs.get(k))
-            raise UserError(f"method.mapper.init_weights={path} does not fit these backbones / mapper settings "
-                            f"(differs in {', '.join(differing)}); use the backbones it was trained for")
+            raise UserError(
+                f"method.mapper.init_weights={path} does not fit these backbones / mapper settings "
+                f"(differs in {', '.join(differing)}); use the backbones it was trained for"
+            )
         return loaded
 
     # ------------------------------------------------------------------ training
-    def _upgraded_resolution_key(self, batch: Mapping[str, Any], prefix: str) -> Optional[str]:
+    def _upgraded_resolution_key(self, batch: Mapping[str, Any], prefix: str) -> str | None:
         key = f"{prefix}_{self.upgraded.resolution}"
         if key in batch:
             return key
-        others = sorted(k for k in batch if k.startswith(prefix + "_") and k[len(prefix) + 1:].isdigit())
+        others = sorted(k for k in batch if k.startswith(prefix + "_") and k[len(prefix) + 1 :].isdigit())
         return others[0] if len(others) == 1 else None
 
     def _latents(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -258,11 +289,15 @@ class XAdapterModule(AdapterModule):
         if latents_key is not None and self.training_options.cached_upgraded_latents:
             return base_latents, batch[latents_key], latents_key.split("_", 1)[1]
         if latents_key is not None:
-            raise UserError(f"the data cache holds {latents_key} but X-Adapter cannot tell which VAE made it; "
-                            "set method.training.cached_upgraded_latents=true only if the upgraded backbone's VAE "
-                            "wrote it, else disable data.cache")
-        raise UserError(f"the batch has no pixels_{self.upgraded.resolution}: set data.extra_resolutions="
-                        f"[{self.upgraded.resolution}] (the upgraded model's resolution)")
+            raise UserError(
+                f"the data cache holds {latents_key} but X-Adapter cannot tell which VAE made it; "
+                "set method.training.cached_upgraded_latents=true only if the upgraded backbone's VAE "
+                "wrote it, else disable data.cache"
+            )
+        raise UserError(
+            f"the batch has no pixels_{self.upgraded.resolution}: set data.extra_resolutions="
+            f"[{self.upgraded.resolution}] (the upgraded model's resolution)"
+        )
 
     def _timesteps(self, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         base_steps = self.base.noise_scheduler.config.num_train_timesteps
@@ -270,16 +305,20 @@ class XAdapterModule(AdapterModule):
         if self.training_options.timesteps == "shared":
             t = torch.randint(0, min(base_steps, upgraded_steps), (batch_size,), device=device)
             return t, t
-        return (torch.randint(0, base_steps, (batch_size,), device=device),
-                torch.randint(0, upgraded_steps, (batch_size,), device=device))
+        return (
+            torch.randint(0, base_steps, (batch_size,), device=device),
+            torch.randint(0, upgraded_steps, (batch_size,), device=device),
+        )
 
     def _micro_conditioning(self, batch: Mapping[str, Any], suffix: str) -> dict[str, Any]:
         def pick(*keys: str) -> Any:
             return next((batch[k] for k in keys if k in batch), None)
 
-        return {"original_size": pick("original_size"),
-                "crop_top_left": pick(f"crop_top_left_{suffix}"),
-                "target_size": pick(f"target_size_{suffix}")}
+        return {
+            "original_size": pick("original_size"),
+            "crop_top_left": pick(f"crop_top_left_{suffix}"),
+            "target_size": pick(f"target_size_{suffix}"),
+        }
 
     def compute_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         captions = list(batch["caption"])
@@ -333,13 +372,18 @@ class XAdapterModule(AdapterModule):
             plugin = self._build_plugin()
             kind = self.plugin_options.kind
             self._pipeline = XAdapterPipeline.from_backbones(
-                self.base, self.upgraded, self.adapter, scheduler=self.sampling.scheduler,
+                self.base,
+                self.upgraded,
+                self.adapter,
+                scheduler=self.sampling.scheduler,
                 controlnet=plugin if kind == "controlnet" else None,
-                t2i_adapter=plugin if kind == "t2i_adapter" else None)
+                t2i_adapter=plugin if kind == "t2i_adapter" else None,
+            )
             self._pipeline.set_progress_bar_config(disable=not self.sampling.progress)
             if kind == "lora":
-                self._pipeline.load_base_lora(plugin, "plugin", scale=self.plugin_options.scale,
-                                              lora_format=self.plugin_options.lora_format)
+                self._pipeline.load_base_lora(
+                    plugin, "plugin", scale=self.plugin_options.scale, lora_format=self.plugin_options.lora_format
+                )
                 self.base.requires_grad_(False)
                 self.base.denoiser.disable_adapters()  # training stays plugin-free
         return self._pipeline
@@ -347,22 +391,25 @@ class XAdapterModule(AdapterModule):
     def _build_plugin(self) -> Any:
         if not self._plugin_built:
             options = self.plugin_options
-            self._plugin = build_plugin(options.kind, self.base.denoiser, self.base.vae_scale_factor, options.path,
-                                        seed=options.seed)
+            self._plugin = build_plugin(
+                options.kind, self.base.denoiser, self.base.vae_scale_factor, options.path, seed=options.seed
+            )
             if isinstance(self._plugin, torch.nn.Module):
                 self._plugin.requires_grad_(False).eval().to(self.device)
             self._plugin_built = True
         return self._plugin
 
-    def _plugin_kwargs(self, references: Optional[torch.Tensor]) -> dict[str, Any]:
+    def _plugin_kwargs(self, references: torch.Tensor | None) -> dict[str, Any]:
         options = self.plugin_options
         wants_references = options.kind in ("controlnet", "t2i_adapter") or options.img2img_strength is not None
         if not wants_references:
             return {}
         if references is None:
-            raise UserError(f"method.plugin (kind={options.kind}, img2img_strength={options.img2img_strength}) needs "
-                            "an image per prompt: give evaluation references (eval.references_dir, or a "
-                            "datamodule with eval_references)")
+            raise UserError(
+                f"method.plugin (kind={options.kind}, img2img_strength={options.img2img_strength}) needs "
+                "an image per prompt: give evaluation references (eval.references_dir, or a "
+                "datamodule with eval_references)"
+            )
         references = references.float().clamp(0, 1)
         kwargs: dict[str, Any] = {}
         if options.img2img_strength is not None:
@@ -395,40 +442,51 @@ class XAdapterModule(AdapterModule):
         suffix = self.sampling.base_prompt_suffix
         return [f"{p}, {suffix}" if suffix else p for p in prompts]
 
-    def sample_x_adapter(self, prompts: list[str], seeds: list[int],
-                         references: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def sample_x_adapter(
+        self, prompts: list[str], seeds: list[int], references: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """X-Adapter: base model + plugin guide the upgraded model (two-stage sampling)."""
         pipe, s = self.pipeline(), self.sampling
         self._lora_active(True)
         try:
-            images = pipe(list(prompts), base_prompt=self._base_prompts(prompts),
-                          negative_prompt=self._negatives(len(prompts)), num_inference_steps=s.steps,
-                          guidance_scale=s.guidance_scale, base_guidance_scale=s.base_guidance_scale,
-                          adapter_guidance_start=s.adapter_guidance_start,
-                          adapter_condition_scale=s.adapter_condition_scale,
-                          fusion_guidance_scale=s.fusion_guidance_scale, generator=self._generators(seeds),
-                          output_type="pt", **self._plugin_kwargs(references)).images
+            images = pipe(
+                list(prompts),
+                base_prompt=self._base_prompts(prompts),
+                negative_prompt=self._negatives(len(prompts)),
+                num_inference_steps=s.steps,
+                guidance_scale=s.guidance_scale,
+                base_guidance_scale=s.base_guidance_scale,
+                adapter_guidance_start=s.adapter_guidance_start,
+                adapter_condition_scale=s.adapter_condition_scale,
+                fusion_guidance_scale=s.fusion_guidance_scale,
+                generator=self._generators(seeds),
+                output_type="pt",
+                **self._plugin_kwargs(references),
+            ).images
         finally:
             self._lora_active(False)
         return self._to_uint8(images)
 
-    def sample_base(self, prompts: list[str], seeds: list[int],
-                    references: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def sample_base(self, prompts: list[str], seeds: list[int], references: torch.Tensor | None = None) -> torch.Tensor:
         """Baseline: the base model + plugin alone (what X-Adapter's stage 1 produces), same seeds."""
         pipe, s = self.pipeline(), self.sampling
         self._lora_active(True)
         try:
-            images = pipe.sample_base(self._base_prompts(prompts), negative_prompt=self._negatives(len(prompts)),
-                                      num_inference_steps=s.steps,
-                                      guidance_scale=s.guidance_scale if s.base_guidance_scale is None
-                                      else s.base_guidance_scale,
-                                      generator=self._generators(seeds), **self._plugin_kwargs(references))
+            images = pipe.sample_base(
+                self._base_prompts(prompts),
+                negative_prompt=self._negatives(len(prompts)),
+                num_inference_steps=s.steps,
+                guidance_scale=s.guidance_scale if s.base_guidance_scale is None else s.base_guidance_scale,
+                generator=self._generators(seeds),
+                **self._plugin_kwargs(references),
+            )
         finally:
             self._lora_active(False)
         return self._to_uint8(images)
 
-    def sample_upgraded(self, prompts: list[str], seeds: list[int],
-                        references: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def sample_upgraded(
+        self, prompts: list[str], seeds: list[int], references: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Baseline: the upgraded model alone (its own diffusers pipeline, same scheduler, steps and CFG)."""
         s = self.sampling
         scheduler = self.pipeline().scheduler.__class__.from_config(self.pipeline().scheduler.config)
@@ -437,13 +495,20 @@ class XAdapterModule(AdapterModule):
         size = self.upgraded.resolution
         # Latents out, decoded by the backbone: it casts to the VAE's dtype (an fp32 SDXL VAE beside a bf16
         # UNet would make the pipeline's own decode fail).
-        latents = pipe(list(prompts), negative_prompt=self._negatives(len(prompts)), num_inference_steps=s.steps,
-                       guidance_scale=s.guidance_scale, generator=self._generators(seeds), height=size, width=size,
-                       output_type="latent").images
+        latents = pipe(
+            list(prompts),
+            negative_prompt=self._negatives(len(prompts)),
+            num_inference_steps=s.steps,
+            guidance_scale=s.guidance_scale,
+            generator=self._generators(seeds),
+            height=size,
+            width=size,
+            output_type="latent",
+        ).images
         with torch.no_grad():
             pixels = self.upgraded.decode_latents(latents)
         return self._to_uint8(pixels.float() / 2 + 0.5)
 
-    def evaluation_samplers(self) -> "OrderedDict[str, Sampler]":
+    def evaluation_samplers(self) -> OrderedDict[str, Sampler]:
         """``x_adapter`` (the method), ``upgraded`` (e.g. SDXL alone), ``base`` (e.g. SD1.5 + plugin)."""
         return OrderedDict(x_adapter=self.sample_x_adapter, upgraded=self.sample_upgraded, base=self.sample_base)

@@ -9,8 +9,8 @@ model pairs (SD2.1 -> SDXL, ...) work without code changes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +38,10 @@ class BlockShape:
 def _block_out_channels(block: nn.Module) -> int:
     resnets = getattr(block, "resnets", None)
     if not resnets:
-        raise UserError(f"cannot read the output channels of {type(block).__name__}; set method.mapper."
-                        "base_blocks / upgraded_blocks to blocks of a diffusers UNet2DConditionModel")
+        raise UserError(
+            f"cannot read the output channels of {type(block).__name__}; set method.mapper."
+            "base_blocks / upgraded_blocks to blocks of a diffusers UNet2DConditionModel"
+        )
     return int(resnets[-1].out_channels)
 
 
@@ -87,8 +89,12 @@ class MappingPair:
         return "interpolate"  # any other ratio (non power-of-two pairs): bilinear to the target size
 
 
-def default_block_pairs(base: dict[str, list[BlockShape]], upgraded: dict[str, list[BlockShape]],
-                        insertion: str = "decoder", num_stages: int = 3) -> list[tuple[str, str]]:
+def default_block_pairs(
+    base: dict[str, list[BlockShape]],
+    upgraded: dict[str, list[BlockShape]],
+    insertion: str = "decoder",
+    num_stages: int = 3,
+) -> list[tuple[str, str]]:
     """The paper's rule, generalised: the base's LAST decoder blocks feed the upgraded model's FIRST ones.
 
     SD1.5 (mid, up0..3) -> SDXL (mid, up0..2) gives up1->mid, up2->up0, up3->up1: the official pairs,
@@ -107,9 +113,15 @@ def default_block_pairs(base: dict[str, list[BlockShape]], upgraded: dict[str, l
     return pairs
 
 
-def derive_mapping(base_unet: nn.Module, upgraded_unet: nn.Module, base_latent_size: tuple[int, int],
-                   upgraded_latent_size: tuple[int, int], insertion: str = "decoder", num_stages: int = 3,
-                   block_pairs: Sequence[Sequence[str]] | None = None) -> list[MappingPair]:
+def derive_mapping(
+    base_unet: nn.Module,
+    upgraded_unet: nn.Module,
+    base_latent_size: tuple[int, int],
+    upgraded_latent_size: tuple[int, int],
+    insertion: str = "decoder",
+    num_stages: int = 3,
+    block_pairs: Sequence[Sequence[str]] | None = None,
+) -> list[MappingPair]:
     """Mapping stages for two UNets, each at its native latent size.
 
     ``block_pairs`` overrides the default rule with explicit ``[base_block, upgraded_block]`` names.
@@ -123,11 +135,15 @@ def derive_mapping(base_unet: nn.Module, upgraded_unet: nn.Module, base_latent_s
     pairs = []
     for base_name, upgraded_name in block_pairs:
         if base_name not in base_by_name:
-            raise UserError(f"method.mapper.block_pairs: base block {base_name!r} does not exist; "
-                            f"choose from {sorted(base_by_name)}")
+            raise UserError(
+                f"method.mapper.block_pairs: base block {base_name!r} does not exist; "
+                f"choose from {sorted(base_by_name)}"
+            )
         if upgraded_name not in upgraded_by_name:
-            raise UserError(f"method.mapper.block_pairs: upgraded block {upgraded_name!r} does not exist; "
-                            f"choose from {sorted(upgraded_by_name)}")
+            raise UserError(
+                f"method.mapper.block_pairs: upgraded block {upgraded_name!r} does not exist; "
+                f"choose from {sorted(upgraded_by_name)}"
+            )
         pairs.append(MappingPair(base_by_name[base_name], upgraded_by_name[upgraded_name]))
     if not pairs:
         raise UserError("method.mapper: no mapping pairs (num_stages must be >= 1)")
@@ -142,10 +158,10 @@ class MappingResBlock(nn.Module):
         super().__init__()
         padding = kernel_size // 2
         # The official mapper upsamples on the input channels, before changing the channel count.
-        self.upsample = (nn.ConvTranspose2d(in_channels, in_channels, 3, stride=2, padding=1)
-                         if upsample else None)
-        self.in_conv = (nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding)
-                        if in_channels != out_channels else None)
+        self.upsample = nn.ConvTranspose2d(in_channels, in_channels, 3, stride=2, padding=1) if upsample else None
+        self.in_conv = (
+            nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding) if in_channels != out_channels else None
+        )
         self.conv1 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.act = nn.ReLU()
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size, padding=padding)
@@ -168,15 +184,27 @@ def _zero_conv(channels: int) -> nn.Conv2d:
 class MappingStage(nn.Module):
     """Residual blocks for one (base block -> upgraded block) pair, ending in zero-initialised 1x1 conv(s)."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_res_blocks: int, kernel_size: int,
-                 resample: str, fusion_type: str) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_res_blocks: int,
+        kernel_size: int,
+        resample: str,
+        fusion_type: str,
+    ) -> None:
         super().__init__()
         self.resample = resample
         self.gradient_checkpointing = False  # switched by ModelMixin.enable_gradient_checkpointing
         self.blocks = nn.ModuleList(
-            MappingResBlock(in_channels if i == 0 else out_channels, out_channels, kernel_size,
-                            upsample=(i == 0 and resample == "transpose"))
-            for i in range(num_res_blocks))
+            MappingResBlock(
+                in_channels if i == 0 else out_channels,
+                out_channels,
+                kernel_size,
+                upsample=(i == 0 and resample == "transpose"),
+            )
+            for i in range(num_res_blocks)
+        )
         if fusion_type == "add":
             self.zero_out = _zero_conv(out_channels)
         else:  # SPADE: per-pixel scale and shift of the (normalised) upgraded feature
@@ -215,16 +243,24 @@ class XAdapterMapper(ModelMixin, ConfigMixin):
     _supports_gradient_checkpointing = True
 
     @register_to_config
-    def __init__(self, in_channels: Sequence[int] = (1280, 640, 320), out_channels: Sequence[int] = (1280, 1280, 640),
-                 resample: Sequence[str] = ("none", "none", "transpose"),
-                 base_blocks: Sequence[str] = ("up_blocks.1", "up_blocks.2", "up_blocks.3"),
-                 upgraded_blocks: Sequence[str] = ("mid_block", "up_blocks.0", "up_blocks.1"),
-                 num_res_blocks: int = 3, kernel_size: int = 3, fusion_type: str = "add") -> None:
+    def __init__(
+        self,
+        in_channels: Sequence[int] = (1280, 640, 320),
+        out_channels: Sequence[int] = (1280, 1280, 640),
+        resample: Sequence[str] = ("none", "none", "transpose"),
+        base_blocks: Sequence[str] = ("up_blocks.1", "up_blocks.2", "up_blocks.3"),
+        upgraded_blocks: Sequence[str] = ("mid_block", "up_blocks.0", "up_blocks.1"),
+        num_res_blocks: int = 3,
+        kernel_size: int = 3,
+        fusion_type: str = "add",
+    ) -> None:
         super().__init__()
         lengths = {len(in_channels), len(out_channels), len(resample), len(base_blocks), len(upgraded_blocks)}
         if len(lengths) != 1:
-            raise UserError("method.mapper: in_channels, out_channels, resample, base_blocks and upgraded_blocks "
-                            "must have one entry per stage")
+            raise UserError(
+                "method.mapper: in_channels, out_channels, resample, base_blocks and upgraded_blocks "
+                "must have one entry per stage"
+            )
         if fusion_type not in FUSION_TYPES:
             raise UserError(f"method.mapper.fusion_type={fusion_type!r} is not one of {FUSION_TYPES}")
         for mode in resample:
@@ -234,39 +270,66 @@ class XAdapterMapper(ModelMixin, ConfigMixin):
             raise UserError("method.mapper.num_res_blocks must be >= 1")
         self.stages = nn.ModuleList(
             MappingStage(cin, cout, num_res_blocks, kernel_size, mode, fusion_type)
-            for cin, cout, mode in zip(in_channels, out_channels, resample))
+            for cin, cout, mode in zip(in_channels, out_channels, resample)
+        )
         if fusion_type == "spade":
             self.norms = nn.ModuleList(nn.GroupNorm(_groups(c), c, affine=False) for c in out_channels)
 
     @classmethod
-    def from_unets(cls, base_unet: nn.Module, upgraded_unet: nn.Module, base_latent_size: tuple[int, int],
-                   upgraded_latent_size: tuple[int, int], insertion: str = "decoder", num_stages: int = 3,
-                   block_pairs: Sequence[Sequence[str]] | None = None, num_res_blocks: int = 3,
-                   kernel_size: int = 3, fusion_type: str = "add") -> "XAdapterMapper":
+    def from_unets(
+        cls,
+        base_unet: nn.Module,
+        upgraded_unet: nn.Module,
+        base_latent_size: tuple[int, int],
+        upgraded_latent_size: tuple[int, int],
+        insertion: str = "decoder",
+        num_stages: int = 3,
+        block_pairs: Sequence[Sequence[str]] | None = None,
+        num_res_blocks: int = 3,
+        kernel_size: int = 3,
+        fusion_type: str = "add",
+    ) -> XAdapterMapper:
         """A mapper whose stages are derived from the two UNets' block shapes."""
-        pairs = derive_mapping(base_unet, upgraded_unet, base_latent_size, upgraded_latent_size, insertion,
-                               num_stages, block_pairs)
-        return cls(in_channels=[p.base.channels for p in pairs], out_channels=[p.upgraded.channels for p in pairs],
-                   resample=[p.resample for p in pairs], base_blocks=[p.base.name for p in pairs],
-                   upgraded_blocks=[p.upgraded.name for p in pairs], num_res_blocks=num_res_blocks,
-                   kernel_size=kernel_size, fusion_type=fusion_type)
+        pairs = derive_mapping(
+            base_unet, upgraded_unet, base_latent_size, upgraded_latent_size, insertion, num_stages, block_pairs
+        )
+        return cls(
+            in_channels=[p.base.channels for p in pairs],
+            out_channels=[p.upgraded.channels for p in pairs],
+            resample=[p.resample for p in pairs],
+            base_blocks=[p.base.name for p in pairs],
+            upgraded_blocks=[p.upgraded.name for p in pairs],
+            num_res_blocks=num_res_blocks,
+            kernel_size=kernel_size,
+            fusion_type=fusion_type,
+        )
 
     @property
     def num_stages(self) -> int:
         return len(self.stages)
 
-    def forward(self, base_features: Sequence[torch.Tensor],
-                target_sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor | tuple[torch.Tensor, ...]]:
+    def forward(
+        self, base_features: Sequence[torch.Tensor], target_sizes: Sequence[tuple[int, int]]
+    ) -> list[torch.Tensor | tuple[torch.Tensor, ...]]:
         """Map the base features (one per stage) to mapped features at the upgraded blocks' sizes."""
         if len(base_features) != self.num_stages or len(target_sizes) != self.num_stages:
-            raise ValueError(f"expected {self.num_stages} base features and target sizes, "
-                             f"got {len(base_features)} and {len(target_sizes)}")
+            raise ValueError(
+                f"expected {self.num_stages} base features and target sizes, "
+                f"got {len(base_features)} and {len(target_sizes)}"
+            )
         dtype = next(self.parameters()).dtype
-        return [stage(feature.to(dtype), size)
-                for stage, feature, size in zip(self.stages, base_features, target_sizes)]
+        return [
+            stage(feature.to(dtype), size) for stage, feature, size in zip(self.stages, base_features, target_sizes)
+        ]
 
-    def fuse(self, stage: int, hidden: torch.Tensor, mapped: torch.Tensor | tuple[torch.Tensor, ...],
-             scale: float | torch.Tensor = 1.0, fusion_guidance_scale: float | None = None) -> torch.Tensor:
+    def fuse(
+        self,
+        stage: int,
+        hidden: torch.Tensor,
+        mapped: torch.Tensor | tuple[torch.Tensor, ...],
+        scale: float | torch.Tensor = 1.0,
+        fusion_guidance_scale: float | None = None,
+    ) -> torch.Tensor:
         """Combine an upgraded-model feature with the mapped base feature of ``stage``.
 
         ``scale`` is the adapter condition scale ``s``. ``fusion_guidance_scale`` ``g`` (add fusion only),

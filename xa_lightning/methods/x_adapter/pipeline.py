@@ -19,8 +19,9 @@ Deliberate differences from the official pipelines (showlab/X-Adapter):
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -34,8 +35,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from xa_lightning.errors import UserError
 from xa_lightning.methods.x_adapter.injection import ResidualInjector, capture_block_outputs
 from xa_lightning.methods.x_adapter.mapper import XAdapterMapper
-from xa_lightning.methods.x_adapter.plugins import (controlnet_residuals, load_lora, merge_unet_kwargs,
-                                                    set_lora_scales, t2i_adapter_residuals)
+from xa_lightning.methods.x_adapter.plugins import (
+    controlnet_residuals,
+    load_lora,
+    merge_unet_kwargs,
+    set_lora_scales,
+    t2i_adapter_residuals,
+)
 
 ImageInput = Any  # PIL image(s), numpy array(s) or tensors, as diffusers' VaeImageProcessor accepts
 
@@ -65,33 +71,70 @@ class XAdapterPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "base_text_encoder->text_encoder->text_encoder_2->base_unet->unet->vae"
     _optional_components = ["text_encoder_2", "tokenizer_2", "controlnet", "t2i_adapter"]
 
-    def __init__(self, base_vae: Any, base_text_encoder: Any, base_tokenizer: Any, base_unet: Any,
-                 base_scheduler: Any, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any,
-                 adapter: XAdapterMapper, text_encoder_2: Any = None, tokenizer_2: Any = None,
-                 controlnet: Any = None, t2i_adapter: Any = None) -> None:
+    def __init__(
+        self,
+        base_vae: Any,
+        base_text_encoder: Any,
+        base_tokenizer: Any,
+        base_unet: Any,
+        base_scheduler: Any,
+        vae: Any,
+        text_encoder: Any,
+        tokenizer: Any,
+        unet: Any,
+        scheduler: Any,
+        adapter: XAdapterMapper,
+        text_encoder_2: Any = None,
+        tokenizer_2: Any = None,
+        controlnet: Any = None,
+        t2i_adapter: Any = None,
+    ) -> None:
         super().__init__()
-        self.register_modules(base_vae=base_vae, base_text_encoder=base_text_encoder, base_tokenizer=base_tokenizer,
-                              base_unet=base_unet, base_scheduler=base_scheduler, vae=vae,
-                              text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                              tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, adapter=adapter,
-                              controlnet=controlnet, t2i_adapter=t2i_adapter)
+        self.register_modules(
+            base_vae=base_vae,
+            base_text_encoder=base_text_encoder,
+            base_tokenizer=base_tokenizer,
+            base_unet=base_unet,
+            base_scheduler=base_scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            adapter=adapter,
+            controlnet=controlnet,
+            t2i_adapter=t2i_adapter,
+        )
         self._helpers: dict[str, tuple[tuple[int, ...], Any]] = {}
         self._lora_scales: dict[str, dict[str, float]] = {"base": {}, "upgraded": {}}
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_backbones(cls, base: Any, upgraded: Any, adapter: XAdapterMapper, scheduler: str = "dpmsolver++",
-                       controlnet: Any = None, t2i_adapter: Any = None) -> "XAdapterPipeline":
+    def from_backbones(
+        cls,
+        base: Any,
+        upgraded: Any,
+        adapter: XAdapterMapper,
+        scheduler: str = "dpmsolver++",
+        controlnet: Any = None,
+        t2i_adapter: Any = None,
+    ) -> XAdapterPipeline:
         """Build from two ``xa_lightning.backbones.Backbone`` objects (sd15-like base, sdxl-like upgraded).
 
         ``scheduler``: ``"dpmsolver++"`` (official default), ``"ddim"`` or ``"euler"``; each model keeps
         its own noise schedule and prediction type.
         """
+
         def make(backbone: Any) -> Any:
             from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-            classes = {"dpmsolver++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler,
-                       "euler": EulerDiscreteScheduler}
+            classes = {
+                "dpmsolver++": DPMSolverMultistepScheduler,
+                "ddim": DDIMScheduler,
+                "euler": EulerDiscreteScheduler,
+            }
             if scheduler not in classes:
                 raise UserError(f"method.sampling.scheduler={scheduler!r} is not one of {sorted(classes)}")
             extra = {"algorithm_type": "dpmsolver++"} if scheduler == "dpmsolver++" else {}
@@ -100,15 +143,29 @@ class XAdapterPipeline(DiffusionPipeline):
             return classes[scheduler].from_config(backbone.noise_scheduler.config, steps_offset=1, **extra)
 
         if len(base.text_encoders) != 1:
-            raise UserError(f"the X-Adapter base model must have one text encoder (SD1.5 / SD2.1); "
-                            f"{getattr(base, 'id', 'base')} has {len(base.text_encoders)}")
+            raise UserError(
+                f"the X-Adapter base model must have one text encoder (SD1.5 / SD2.1); "
+                f"{getattr(base, 'id', 'base')} has {len(base.text_encoders)}"
+            )
         encoders = list(upgraded.text_encoders) + [None]
         tokenizers = list(upgraded.tokenizers) + [None]
-        return cls(base_vae=base.vae, base_text_encoder=base.text_encoders[0], base_tokenizer=base.tokenizers[0],
-                   base_unet=base.denoiser, base_scheduler=make(base), vae=upgraded.vae,
-                   text_encoder=encoders[0], tokenizer=tokenizers[0], text_encoder_2=encoders[1],
-                   tokenizer_2=tokenizers[1], unet=upgraded.denoiser, scheduler=make(upgraded), adapter=adapter,
-                   controlnet=controlnet, t2i_adapter=t2i_adapter)
+        return cls(
+            base_vae=base.vae,
+            base_text_encoder=base.text_encoders[0],
+            base_tokenizer=base.tokenizers[0],
+            base_unet=base.denoiser,
+            base_scheduler=make(base),
+            vae=upgraded.vae,
+            text_encoder=encoders[0],
+            tokenizer=tokenizers[0],
+            text_encoder_2=encoders[1],
+            tokenizer_2=tokenizers[1],
+            unet=upgraded.denoiser,
+            scheduler=make(upgraded),
+            adapter=adapter,
+            controlnet=controlnet,
+            t2i_adapter=t2i_adapter,
+        )
 
     # ------------------------------------------------------------------ helper pipelines (text, LoRA)
     def _helper(self, which: str) -> Any:
@@ -119,8 +176,12 @@ class XAdapterPipeline(DiffusionPipeline):
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         if which == "base":
-            parts = dict(vae=self.base_vae, text_encoder=self.base_text_encoder, tokenizer=self.base_tokenizer,
-                         unet=self.base_unet)
+            parts = dict(
+                vae=self.base_vae,
+                text_encoder=self.base_text_encoder,
+                tokenizer=self.base_tokenizer,
+                unet=self.base_unet,
+            )
         else:
             parts = dict(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet)
             if self.text_encoder_2 is not None:
@@ -132,21 +193,24 @@ class XAdapterPipeline(DiffusionPipeline):
         if "text_encoder_2" in parts:
             helper = StableDiffusionXLPipeline(**parts, scheduler=None, add_watermarker=False)
         else:
-            helper = StableDiffusionPipeline(**parts, scheduler=None, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+            helper = StableDiffusionPipeline(
+                **parts, scheduler=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            )
         helper.set_progress_bar_config(disable=True)
         self._helpers[which] = (key, helper)
         return helper
 
-    def load_base_lora(self, source: Any, adapter_name: str = "base_lora", scale: float = 1.0,
-                       lora_format: Optional[str] = None) -> None:
+    def load_base_lora(
+        self, source: Any, adapter_name: str = "base_lora", scale: float = 1.0, lora_format: str | None = None
+    ) -> None:
         """Load a base-model LoRA (diffusers / peft / kohya layout) into the base UNet (+ text encoder)."""
         load_lora(self._helper("base"), source, adapter_name, scale, lora_format)
         self._lora_scales["base"][adapter_name] = scale
         set_lora_scales(self._helper("base"), self._lora_scales["base"])
 
-    def load_upgraded_lora(self, source: Any, adapter_name: str = "upgraded_lora", scale: float = 1.0,
-                           lora_format: Optional[str] = None) -> None:
+    def load_upgraded_lora(
+        self, source: Any, adapter_name: str = "upgraded_lora", scale: float = 1.0, lora_format: str | None = None
+    ) -> None:
         """Remix: load a LoRA of the upgraded model, active together with the base model's plugins."""
         load_lora(self._helper("upgraded"), source, adapter_name, scale, lora_format)
         self._lora_scales["upgraded"][adapter_name] = scale
@@ -159,28 +223,48 @@ class XAdapterPipeline(DiffusionPipeline):
                 scales[adapter_name] = scale
                 set_lora_scales(self._helper(which), scales)
                 return
-        raise UserError(f"no LoRA named {adapter_name!r} is loaded; loaded: "
-                        f"{sorted(n for s in self._lora_scales.values() for n in s)}")
+        raise UserError(
+            f"no LoRA named {adapter_name!r} is loaded; loaded: "
+            f"{sorted(n for s in self._lora_scales.values() for n in s)}"
+        )
 
     # ------------------------------------------------------------------ prompts
-    def _encode_base(self, prompts: list[str], negative: Optional[list[str]], device: torch.device,
-                     per_prompt: int, cfg: bool) -> torch.Tensor:
+    def _encode_base(
+        self, prompts: list[str], negative: list[str] | None, device: torch.device, per_prompt: int, cfg: bool
+    ) -> torch.Tensor:
         embeds, negative_embeds = self._helper("base").encode_prompt(
-            prompts, device, per_prompt, cfg, negative_prompt=negative)
+            prompts, device, per_prompt, cfg, negative_prompt=negative
+        )
         return torch.cat([negative_embeds, embeds]) if cfg else embeds
 
-    def _encode_upgraded(self, prompts: list[str], negative: Optional[list[str]], device: torch.device,
-                         per_prompt: int, cfg: bool, size: tuple[int, int]) -> tuple[torch.Tensor, Optional[dict]]:
+    def _encode_upgraded(
+        self,
+        prompts: list[str],
+        negative: list[str] | None,
+        device: torch.device,
+        per_prompt: int,
+        cfg: bool,
+        size: tuple[int, int],
+    ) -> tuple[torch.Tensor, dict | None]:
         helper = self._helper("upgraded")
         if self.text_encoder_2 is None:
             embeds, negative_embeds = helper.encode_prompt(prompts, device, per_prompt, cfg, negative_prompt=negative)
             return (torch.cat([negative_embeds, embeds]) if cfg else embeds), None
         embeds, negative_embeds, pooled, negative_pooled = helper.encode_prompt(
-            prompts, device=device, num_images_per_prompt=per_prompt, do_classifier_free_guidance=cfg,
-            negative_prompt=negative)
+            prompts,
+            device=device,
+            num_images_per_prompt=per_prompt,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=negative,
+        )
         # Micro-conditioning: original = target = the generated size, no crop (SDXL's defaults).
-        time_ids = helper._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
-                                            text_encoder_projection_dim=int(self.text_encoder_2.config.projection_dim))
+        time_ids = helper._get_add_time_ids(
+            size,
+            (0, 0),
+            size,
+            dtype=embeds.dtype,
+            text_encoder_projection_dim=int(self.text_encoder_2.config.projection_dim),
+        )
         time_ids = time_ids.to(device).repeat(embeds.shape[0], 1)
         if cfg:
             embeds, pooled = torch.cat([negative_embeds, embeds]), torch.cat([negative_pooled, pooled])
@@ -195,8 +279,10 @@ class XAdapterPipeline(DiffusionPipeline):
         timesteps = self.scheduler.timesteps
         if not torch.equal(self.base_scheduler.timesteps.cpu(), timesteps.cpu()):
             if "timesteps" not in inspect.signature(self.base_scheduler.set_timesteps).parameters:
-                raise UserError("the base and upgraded schedulers give different timesteps and the base scheduler "
-                                "takes no custom timesteps; use the same scheduler class and timestep_spacing")
+                raise UserError(
+                    "the base and upgraded schedulers give different timesteps and the base scheduler "
+                    "takes no custom timesteps; use the same scheduler class and timestep_spacing"
+                )
             self.base_scheduler.set_timesteps(timesteps=timesteps.cpu().tolist(), device=device)
         return timesteps
 
@@ -219,10 +305,19 @@ class XAdapterPipeline(DiffusionPipeline):
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + shift
         return vae.decode(latents, return_dict=False)[0]
 
-    def _prepare_condition(self, image: ImageInput, height: int, width: int, batch: int, cfg: bool,
-                           device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        processor = VaeImageProcessor(vae_scale_factor=_vae_scale_factor(self.base_vae), do_convert_rgb=True,
-                                      do_normalize=False)
+    def _prepare_condition(
+        self,
+        image: ImageInput,
+        height: int,
+        width: int,
+        batch: int,
+        cfg: bool,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        processor = VaeImageProcessor(
+            vae_scale_factor=_vae_scale_factor(self.base_vae), do_convert_rgb=True, do_normalize=False
+        )
         tensor = processor.preprocess(image, height=height, width=width).to(device=device, dtype=dtype)
         if tensor.shape[0] == 1:
             tensor = tensor.repeat(batch, 1, 1, 1)
@@ -231,32 +326,56 @@ class XAdapterPipeline(DiffusionPipeline):
         return torch.cat([tensor, tensor]) if cfg else tensor
 
     # ------------------------------------------------------------------ base model step (with plugins)
-    def _base_forward(self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, cfg: bool,
-                      control: Optional[torch.Tensor], control_scale: float, guess_mode: bool,
-                      t2i_states: Optional[list[torch.Tensor]]) -> torch.Tensor:
+    def _base_forward(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        embeds: torch.Tensor,
+        cfg: bool,
+        control: torch.Tensor | None,
+        control_scale: float,
+        guess_mode: bool,
+        t2i_states: list[torch.Tensor] | None,
+    ) -> torch.Tensor:
         model_input = torch.cat([latents, latents]) if cfg else latents
         model_input = self.base_scheduler.scale_model_input(model_input, t)
         kwargs: list[dict] = []
         if self.controlnet is not None and control is not None:
-            kwargs.append(controlnet_residuals(self.controlnet, model_input, t, embeds, control, control_scale,
-                                               guess_mode))
+            kwargs.append(
+                controlnet_residuals(self.controlnet, model_input, t, embeds, control, control_scale, guess_mode)
+            )
         if self.t2i_adapter is not None and t2i_states is not None:
             kwargs.append({"down_intrablock_additional_residuals": t2i_states})
-        return self.base_unet(model_input, t, encoder_hidden_states=embeds, return_dict=False,
-                              **merge_unet_kwargs(*kwargs))[0]
+        return self.base_unet(
+            model_input, t, encoder_hidden_states=embeds, return_dict=False, **merge_unet_kwargs(*kwargs)
+        )[0]
 
     # ------------------------------------------------------------------ stage 1 (shared by both entry points)
-    def _prepare_base(self, prompts: list[str], negatives: Optional[list[str]], per_prompt: int,
-                      guidance_scale: float, height: int, width: int, control_image: ImageInput,
-                      adapter_image: ImageInput, t2i_adapter_conditioning_scale: float) -> dict[str, Any]:
+    def _prepare_base(
+        self,
+        prompts: list[str],
+        negatives: list[str] | None,
+        per_prompt: int,
+        guidance_scale: float,
+        height: int,
+        width: int,
+        control_image: ImageInput,
+        adapter_image: ImageInput,
+        t2i_adapter_conditioning_scale: float,
+    ) -> dict[str, Any]:
         """Base prompt embeddings and plugin inputs, in the base model's CFG batch layout."""
         device = self._execution_device
         batch = len(prompts) * per_prompt
         cfg = guidance_scale > 1.0
         dtype = self.base_unet.dtype
-        state: dict[str, Any] = {"cfg": cfg, "guidance_scale": guidance_scale, "batch": batch,
-                                 "embeds": self._encode_base(prompts, negatives, device, per_prompt, cfg),
-                                 "control": None, "t2i_states": None}
+        state: dict[str, Any] = {
+            "cfg": cfg,
+            "guidance_scale": guidance_scale,
+            "batch": batch,
+            "embeds": self._encode_base(prompts, negatives, device, per_prompt, cfg),
+            "control": None,
+            "t2i_states": None,
+        }
         if control_image is not None:
             if self.controlnet is None:
                 raise UserError("control_image was given but the pipeline has no controlnet")
@@ -269,10 +388,21 @@ class XAdapterPipeline(DiffusionPipeline):
             state["t2i_states"] = [torch.cat([s, s]) for s in states] if cfg else states
         return state
 
-    def _base_stage(self, base: dict[str, Any], num_inference_steps: int, height: int, width: int,
-                    generator: Any, base_latents: Optional[torch.Tensor], image: ImageInput, strength: float,
-                    control_scale: float, guess_mode: bool, progress: Any,
-                    callback_on_step_end: Optional[Callable[[int, str, torch.Tensor], None]]) -> torch.Tensor:
+    def _base_stage(
+        self,
+        base: dict[str, Any],
+        num_inference_steps: int,
+        height: int,
+        width: int,
+        generator: Any,
+        base_latents: torch.Tensor | None,
+        image: ImageInput,
+        strength: float,
+        control_scale: float,
+        guess_mode: bool,
+        progress: Any,
+        callback_on_step_end: Callable[[int, str, torch.Tensor], None] | None,
+    ) -> torch.Tensor:
         """Stage 1: the base model (+ plugins) samples its whole schedule (or img2img from ``strength``)."""
         device, dtype, batch = self._execution_device, self.base_unet.dtype, base["batch"]
         scale_factor = _vae_scale_factor(self.base_vae)
@@ -286,18 +416,32 @@ class XAdapterPipeline(DiffusionPipeline):
             if start >= num_inference_steps:
                 raise UserError(f"strength={strength} leaves no denoising steps; raise it")
             _begin_at(self.base_scheduler, start)
-            timesteps = self.base_scheduler.timesteps[start * self.base_scheduler.order:]
+            timesteps = self.base_scheduler.timesteps[start * self.base_scheduler.order :]
             noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
             latents = self.base_scheduler.add_noise(init, noise, timesteps[:1].repeat(batch))
         else:
             timesteps = self.base_scheduler.timesteps
-            latents = base_latents if base_latents is not None else randn_tensor(
-                shape, generator=generator, device=device, dtype=dtype)
+            latents = (
+                base_latents
+                if base_latents is not None
+                else randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            )
             latents = latents.to(device=device, dtype=dtype) * self.base_scheduler.init_noise_sigma
         for step, t in enumerate(timesteps):
-            prediction = self._cfg(self._base_forward(latents, t, base["embeds"], base["cfg"], base["control"],
-                                                      control_scale, guess_mode, base["t2i_states"]),
-                                   base["guidance_scale"], base["cfg"])
+            prediction = self._cfg(
+                self._base_forward(
+                    latents,
+                    t,
+                    base["embeds"],
+                    base["cfg"],
+                    base["control"],
+                    control_scale,
+                    guess_mode,
+                    base["t2i_states"],
+                ),
+                base["guidance_scale"],
+                base["cfg"],
+            )
             latents = self.base_scheduler.step(prediction, t, latents, return_dict=False)[0]
             if callback_on_step_end is not None:
                 callback_on_step_end(step, "base", latents)
@@ -310,56 +454,104 @@ class XAdapterPipeline(DiffusionPipeline):
             raise UserError(f"strength={strength} must be in (0, 1]")
 
     @staticmethod
-    def _as_list(value: Any, count: int) -> Optional[list[str]]:
+    def _as_list(value: Any, count: int) -> list[str] | None:
         if value is None:
             return None
         return [value] * count if isinstance(value, str) else list(value)
 
-    def _base_size(self, height: Optional[int], width: Optional[int]) -> tuple[int, int]:
+    def _base_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         default = self.base_unet.config.sample_size * _vae_scale_factor(self.base_vae)
         return height or default, width or default
 
     @torch.no_grad()
-    def sample_base(self, prompt: str | list[str], negative_prompt: Optional[str | list[str]] = None,
-                    height: Optional[int] = None, width: Optional[int] = None, num_inference_steps: int = 50,
-                    guidance_scale: float = 7.5, num_images_per_prompt: int = 1, generator: Any = None,
-                    base_latents: Optional[torch.Tensor] = None, image: ImageInput = None, strength: float = 1.0,
-                    control_image: ImageInput = None, controlnet_conditioning_scale: float = 1.0,
-                    guess_mode: bool = False, adapter_image: ImageInput = None,
-                    t2i_adapter_conditioning_scale: float = 1.0, output_type: str = "pt") -> Any:
+    def sample_base(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        generator: Any = None,
+        base_latents: torch.Tensor | None = None,
+        image: ImageInput = None,
+        strength: float = 1.0,
+        control_image: ImageInput = None,
+        controlnet_conditioning_scale: float = 1.0,
+        guess_mode: bool = False,
+        adapter_image: ImageInput = None,
+        t2i_adapter_conditioning_scale: float = 1.0,
+        output_type: str = "pt",
+    ) -> Any:
         """The base model + its plugins alone: exactly X-Adapter's stage 1 for the same arguments and seeds."""
         self._check_strength(strength)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         height, width = self._base_size(height, width)
-        base = self._prepare_base(prompts, self._as_list(negative_prompt, len(prompts)), num_images_per_prompt,
-                                  guidance_scale, height, width, control_image, adapter_image,
-                                  t2i_adapter_conditioning_scale)
+        base = self._prepare_base(
+            prompts,
+            self._as_list(negative_prompt, len(prompts)),
+            num_images_per_prompt,
+            guidance_scale,
+            height,
+            width,
+            control_image,
+            adapter_image,
+            t2i_adapter_conditioning_scale,
+        )
         self._aligned_timesteps(num_inference_steps, self._execution_device)
         with self.progress_bar(total=num_inference_steps) as progress:
-            latents = self._base_stage(base, num_inference_steps, height, width, generator, base_latents, image,
-                                       strength, controlnet_conditioning_scale, guess_mode, progress, None)
+            latents = self._base_stage(
+                base,
+                num_inference_steps,
+                height,
+                width,
+                generator,
+                base_latents,
+                image,
+                strength,
+                controlnet_conditioning_scale,
+                guess_mode,
+                progress,
+                None,
+            )
         if output_type == "latent":
             return latents
         return self._postprocess(self._decode_latents(self.base_vae, latents), output_type)
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], base_prompt: Optional[str | list[str]] = None,
-                 negative_prompt: Optional[str | list[str]] = None,
-                 base_negative_prompt: Optional[str | list[str]] = None,
-                 height: Optional[int] = None, width: Optional[int] = None,
-                 base_height: Optional[int] = None, base_width: Optional[int] = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                 base_guidance_scale: Optional[float] = None, adapter_guidance_start: float = 0.8,
-                 adapter_condition_scale: float = 1.0, fusion_guidance_scale: Optional[float] = None,
-                 num_images_per_prompt: int = 1, generator: Any = None, base_latents: Optional[torch.Tensor] = None,
-                 image: ImageInput = None, strength: float = 1.0,
-                 control_image: ImageInput = None, controlnet_conditioning_scale: float = 1.0,
-                 guess_mode: bool = False, adapter_image: ImageInput = None,
-                 t2i_adapter_conditioning_scale: float = 1.0, output_type: str = "pil",
-                 return_base_images: bool = False, return_dict: bool = True,
-                 callback_on_step_end: Optional[Callable[[int, str, torch.Tensor], None]] = None,
-                 ) -> XAdapterPipelineOutput | tuple:
+    def __call__(
+        self,
+        prompt: str | list[str],
+        base_prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        base_negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        base_height: int | None = None,
+        base_width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        base_guidance_scale: float | None = None,
+        adapter_guidance_start: float = 0.8,
+        adapter_condition_scale: float = 1.0,
+        fusion_guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        generator: Any = None,
+        base_latents: torch.Tensor | None = None,
+        image: ImageInput = None,
+        strength: float = 1.0,
+        control_image: ImageInput = None,
+        controlnet_conditioning_scale: float = 1.0,
+        guess_mode: bool = False,
+        adapter_image: ImageInput = None,
+        t2i_adapter_conditioning_scale: float = 1.0,
+        output_type: str = "pil",
+        return_base_images: bool = False,
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[int, str, torch.Tensor], None] | None = None,
+    ) -> XAdapterPipelineOutput | tuple:
         """Generate images with the upgraded model guided by the base model (+ plugins) through X-Adapter.
 
         Args:
@@ -387,8 +579,9 @@ class XAdapterPipeline(DiffusionPipeline):
         if len(base_prompts) != len(prompts):
             raise UserError("prompt and base_prompt must have the same length")
         negatives = self._as_list(negative_prompt, len(prompts))
-        base_negatives = self._as_list(base_negative_prompt, len(prompts)) if base_negative_prompt is not None \
-            else negatives
+        base_negatives = (
+            self._as_list(base_negative_prompt, len(prompts)) if base_negative_prompt is not None else negatives
+        )
         device = self._execution_device
         batch = len(prompts) * num_images_per_prompt
         scale_factor = _vae_scale_factor(self.vae)
@@ -398,19 +591,42 @@ class XAdapterPipeline(DiffusionPipeline):
         base_guidance_scale = guidance_scale if base_guidance_scale is None else base_guidance_scale
         upgraded_cfg = guidance_scale > 1.0
 
-        base = self._prepare_base(base_prompts, base_negatives, num_images_per_prompt, base_guidance_scale,
-                                  base_height, base_width, control_image, adapter_image,
-                                  t2i_adapter_conditioning_scale)
-        embeds, added_cond = self._encode_upgraded(prompts, negatives, device, num_images_per_prompt,
-                                                   upgraded_cfg, (height, width))
+        base = self._prepare_base(
+            base_prompts,
+            base_negatives,
+            num_images_per_prompt,
+            base_guidance_scale,
+            base_height,
+            base_width,
+            control_image,
+            adapter_image,
+            t2i_adapter_conditioning_scale,
+        )
+        embeds, added_cond = self._encode_upgraded(
+            prompts, negatives, device, num_images_per_prompt, upgraded_cfg, (height, width)
+        )
         timesteps = self._aligned_timesteps(num_inference_steps, device)
         stage2_steps = int(num_inference_steps * adapter_guidance_start)
-        stage1_steps = len(self.base_scheduler.timesteps) if image is None else \
-            min(int(num_inference_steps * strength), num_inference_steps)
+        stage1_steps = (
+            len(self.base_scheduler.timesteps)
+            if image is None
+            else min(int(num_inference_steps * strength), num_inference_steps)
+        )
         with self.progress_bar(total=stage1_steps + stage2_steps) as progress:
-            base_x0 = self._base_stage(base, num_inference_steps, base_height, base_width, generator, base_latents,
-                                       image, strength, controlnet_conditioning_scale, guess_mode, progress,
-                                       callback_on_step_end)
+            base_x0 = self._base_stage(
+                base,
+                num_inference_steps,
+                base_height,
+                base_width,
+                generator,
+                base_latents,
+                image,
+                strength,
+                controlnet_conditioning_scale,
+                guess_mode,
+                progress,
+                callback_on_step_end,
+            )
             base_pixels = self._decode_latents(self.base_vae, base_x0).float().clamp(-1, 1)
 
             # ---- hand-over: resize to the upgraded resolution, encode, noise both latents to t0
@@ -418,10 +634,11 @@ class XAdapterPipeline(DiffusionPipeline):
             self._aligned_timesteps(num_inference_steps, device)  # fresh solver state for stage 2
             _begin_at(self.scheduler, start)
             _begin_at(self.base_scheduler, start)
-            stage2_timesteps = timesteps[start * self.scheduler.order:]
+            stage2_timesteps = timesteps[start * self.scheduler.order :]
             t0 = stage2_timesteps[:1].repeat(batch)
-            resized = F.interpolate(base_pixels, size=(height, width), mode="bicubic", align_corners=False,
-                                    antialias=True).clamp(-1, 1)
+            resized = F.interpolate(
+                base_pixels, size=(height, width), mode="bicubic", align_corners=False, antialias=True
+            ).clamp(-1, 1)
             upgraded_dtype = self.unet.dtype
             upgraded_x0 = self._encode_image(self.vae, resized).to(upgraded_dtype)
             upgraded_noise = randn_tensor(upgraded_x0.shape, generator=generator, device=device, dtype=upgraded_dtype)
@@ -435,17 +652,26 @@ class XAdapterPipeline(DiffusionPipeline):
             with injector.active():
                 for step, t in enumerate(stage2_timesteps):
                     with capture_block_outputs(self.base_unet, base_blocks) as captured:
-                        base_prediction = self._base_forward(latents, t, base["embeds"], base["cfg"],
-                                                             base["control"], controlnet_conditioning_scale,
-                                                             guess_mode, base["t2i_states"])
+                        base_prediction = self._base_forward(
+                            latents,
+                            t,
+                            base["embeds"],
+                            base["cfg"],
+                            base["control"],
+                            controlnet_conditioning_scale,
+                            guess_mode,
+                            base["t2i_states"],
+                        )
                     features = _align_cfg([captured[name] for name in base_blocks], base["cfg"], upgraded_cfg)
-                    latents = self.base_scheduler.step(self._cfg(base_prediction, base_guidance_scale, base["cfg"]),
-                                                       t, latents, return_dict=False)[0]
+                    latents = self.base_scheduler.step(
+                        self._cfg(base_prediction, base_guidance_scale, base["cfg"]), t, latents, return_dict=False
+                    )[0]
                     model_input = torch.cat([upgraded_latents] * 2) if upgraded_cfg else upgraded_latents
                     model_input = self.scheduler.scale_model_input(model_input, t)
                     injector.set_base_features(features, adapter_condition_scale, fusion_guidance_scale)
-                    prediction = self.unet(model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added_cond,
-                                           return_dict=False)[0]
+                    prediction = self.unet(
+                        model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added_cond, return_dict=False
+                    )[0]
                     prediction = self._cfg(prediction, guidance_scale, upgraded_cfg)
                     upgraded_latents = self.scheduler.step(prediction, t, upgraded_latents, return_dict=False)[0]
                     if callback_on_step_end is not None:
@@ -456,8 +682,11 @@ class XAdapterPipeline(DiffusionPipeline):
             images = upgraded_latents
         else:
             images = self._postprocess(self._decode_latents(self.vae, upgraded_latents), output_type)
-        base_images = self._postprocess(base_pixels, output_type if output_type != "latent" else "pt") \
-            if return_base_images else None
+        base_images = (
+            self._postprocess(base_pixels, output_type if output_type != "latent" else "pt")
+            if return_base_images
+            else None
+        )
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images, base_images)

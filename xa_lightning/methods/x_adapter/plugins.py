@@ -15,8 +15,9 @@ everything here works on plain diffusers models and pipelines.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,13 +33,27 @@ _TEXT_ENCODER_ROOTS = ("text_model.",)
 
 
 # ---------------------------------------------------------------------------------------- ControlNet / T2I
-def controlnet_residuals(controlnet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
-                         encoder_hidden_states: torch.Tensor, control_image: torch.Tensor, scale: float = 1.0,
-                         guess_mode: bool = False, added_cond_kwargs: dict | None = None) -> dict[str, Any]:
+def controlnet_residuals(
+    controlnet: nn.Module,
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    control_image: torch.Tensor,
+    scale: float = 1.0,
+    guess_mode: bool = False,
+    added_cond_kwargs: dict | None = None,
+) -> dict[str, Any]:
     """UNet kwargs (``down_block_additional_residuals``, ``mid_block_additional_residual``) of a ControlNet."""
-    down, mid = controlnet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                           controlnet_cond=control_image.to(sample.dtype), conditioning_scale=scale,
-                           guess_mode=guess_mode, added_cond_kwargs=added_cond_kwargs, return_dict=False)
+    down, mid = controlnet(
+        sample,
+        timestep,
+        encoder_hidden_states=encoder_hidden_states,
+        controlnet_cond=control_image.to(sample.dtype),
+        conditioning_scale=scale,
+        guess_mode=guess_mode,
+        added_cond_kwargs=added_cond_kwargs,
+        return_dict=False,
+    )
     return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
 
@@ -83,22 +98,26 @@ def detect_lora_format(state_dict: Mapping[str, torch.Tensor]) -> str:
         return "diffusers"
     if all(".lora_A." in k or ".lora_B." in k or k.endswith(".alpha") for k in keys):
         return "peft"
-    raise UserError(f"cannot tell the LoRA layout from key {keys[0]!r}; expected diffusers (unet.*), "
-                    "peft (*.lora_A.weight) or kohya (lora_unet_*.lora_down.weight) keys")
+    raise UserError(
+        f"cannot tell the LoRA layout from key {keys[0]!r}; expected diffusers (unet.*), "
+        "peft (*.lora_A.weight) or kohya (lora_unet_*.lora_down.weight) keys"
+    )
 
 
 def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise UserError(f"cannot read LoRA weights {path}: {error}") from None
 
 
-def read_lora(source: str | Path | Mapping[str, torch.Tensor], lora_format: str | None = None,
-              component: str | None = None) -> dict[str, torch.Tensor]:
+def read_lora(
+    source: str | Path | Mapping[str, torch.Tensor], lora_format: str | None = None, component: str | None = None
+) -> dict[str, torch.Tensor]:
     """A LoRA in any supported layout -> a state dict diffusers' ``load_lora_weights`` accepts.
 
     ``source``: a state dict, a weights file, or a peft directory (``adapter_model.safetensors`` +
@@ -112,12 +131,20 @@ def read_lora(source: str | Path | Mapping[str, torch.Tensor], lora_format: str 
     else:
         path = Path(source)
         if path.is_dir():
-            weights = [path / n for n in ("adapter_model.safetensors", "adapter_model.bin",
-                                          "pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
-                       if (path / n).is_file()]
+            weights = [
+                path / n
+                for n in (
+                    "adapter_model.safetensors",
+                    "adapter_model.bin",
+                    "pytorch_lora_weights.safetensors",
+                    "pytorch_lora_weights.bin",
+                )
+                if (path / n).is_file()
+            ]
             if not weights:
-                raise UserError(f"LoRA directory {path} has no adapter_model.safetensors / "
-                                "pytorch_lora_weights.safetensors")
+                raise UserError(
+                    f"LoRA directory {path} has no adapter_model.safetensors / pytorch_lora_weights.safetensors"
+                )
             state_dict = _read_tensor_file(weights[0])
             if (path / "adapter_config.json").is_file():
                 peft_config = json.loads((path / "adapter_config.json").read_text())
@@ -133,20 +160,22 @@ def read_lora(source: str | Path | Mapping[str, torch.Tensor], lora_format: str 
     return _peft_to_diffusers(state_dict, peft_config, component)
 
 
-def _peft_to_diffusers(state_dict: Mapping[str, torch.Tensor], peft_config: Mapping[str, Any],
-                       component: str | None) -> dict[str, torch.Tensor]:
+def _peft_to_diffusers(
+    state_dict: Mapping[str, torch.Tensor], peft_config: Mapping[str, Any], component: str | None
+) -> dict[str, torch.Tensor]:
     rank = peft_config.get("r")
     alpha = peft_config.get("lora_alpha")
     alpha_pattern = peft_config.get("alpha_pattern") or {}
     rank_pattern = peft_config.get("rank_pattern") or {}
     if alpha_pattern or rank_pattern:
-        raise UserError("peft LoRA with alpha_pattern / rank_pattern is not supported; save it with uniform r "
-                        "and lora_alpha")
+        raise UserError(
+            "peft LoRA with alpha_pattern / rank_pattern is not supported; save it with uniform r and lora_alpha"
+        )
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key.endswith(".alpha"):
             continue
-        key = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+        key = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
         key = key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
         owner = component or ("text_encoder" if key.startswith(_TEXT_ENCODER_ROOTS) else "unet")
         if ".lora_B." in key and rank and alpha and alpha != rank:
@@ -155,8 +184,13 @@ def _peft_to_diffusers(state_dict: Mapping[str, torch.Tensor], peft_config: Mapp
     return out
 
 
-def load_lora(pipeline: Any, source: str | Path | Mapping[str, torch.Tensor], adapter_name: str,
-              scale: float = 1.0, lora_format: str | None = None) -> None:
+def load_lora(
+    pipeline: Any,
+    source: str | Path | Mapping[str, torch.Tensor],
+    adapter_name: str,
+    scale: float = 1.0,
+    lora_format: str | None = None,
+) -> None:
     """Load a LoRA into a diffusers pipeline (SD / SDXL LoRA loader mixins) under ``adapter_name``."""
     state_dict = read_lora(source, lora_format)
     if not hasattr(pipeline, "load_lora_weights"):
@@ -164,8 +198,10 @@ def load_lora(pipeline: Any, source: str | Path | Mapping[str, torch.Tensor], ad
     try:  # (the SDXL loader maps kohya files' SGM block names with the UNet config itself)
         pipeline.load_lora_weights(state_dict, adapter_name=adapter_name)
     except (ValueError, KeyError, RuntimeError) as error:
-        raise UserError(f"LoRA {source if not isinstance(source, Mapping) else adapter_name!r} does not fit this "
-                        f"model ({error}); check it was trained for this base model") from None
+        raise UserError(
+            f"LoRA {source if not isinstance(source, Mapping) else adapter_name!r} does not fit this "
+            f"model ({error}); check it was trained for this base model"
+        ) from None
     set_lora_scales(pipeline, {adapter_name: scale})
 
 
@@ -184,12 +220,15 @@ def tiny_controlnet(unet: nn.Module, vae_scale_factor: int, seed: int = 0, zero_
     from diffusers import ControlNetModel
 
     downsamples = max(int(round(np.log2(vae_scale_factor))), 0)
-    embedding_channels = tuple(16 * 2 ** i for i in range(downsamples + 1))
+    embedding_channels = tuple(16 * 2**i for i in range(downsamples + 1))
     generator = torch.Generator().manual_seed(seed)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding_channels)
     with torch.no_grad():
-        for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                       controlnet.controlnet_cond_embedding.conv_out]:
+        for module in [
+            *controlnet.controlnet_down_blocks,
+            controlnet.controlnet_mid_block,
+            controlnet.controlnet_cond_embedding.conv_out,
+        ]:
             for param in module.parameters():
                 param.copy_(torch.randn(param.shape, generator=generator) * zero_convs_std)
     return controlnet.to(dtype=unet.dtype)
@@ -201,13 +240,22 @@ def tiny_t2i_adapter(unet: nn.Module, vae_scale_factor: int, seed: int = 0) -> n
 
     torch.manual_seed(seed)
     channels = [int(block.resnets[0].out_channels) for block in unet.down_blocks]
-    return T2IAdapter(in_channels=3, channels=channels, num_res_blocks=1, downscale_factor=vae_scale_factor,
-                      adapter_type="full_adapter").to(dtype=unet.dtype)
+    return T2IAdapter(
+        in_channels=3,
+        channels=channels,
+        num_res_blocks=1,
+        downscale_factor=vae_scale_factor,
+        adapter_type="full_adapter",
+    ).to(dtype=unet.dtype)
 
 
-def tiny_lora_state_dict(unet: nn.Module, rank: int = 4, seed: int = 0,
-                         target_modules: tuple[str, ...] = ("attn2.to_k", "attn2.to_v", "attn1.to_q"),
-                         std: float = 0.1) -> dict[str, torch.Tensor]:
+def tiny_lora_state_dict(
+    unet: nn.Module,
+    rank: int = 4,
+    seed: int = 0,
+    target_modules: tuple[str, ...] = ("attn2.to_k", "attn2.to_v", "attn1.to_q"),
+    std: float = 0.1,
+) -> dict[str, torch.Tensor]:
     """A random LoRA for ``unet``'s linear layers ending in ``target_modules``, in diffusers' layout
     (``unet.<module>.lora_A.weight`` / ``lora_B.weight``, scaling 1); for tests, demos and benchmarks."""
     generator = torch.Generator().manual_seed(seed)
@@ -221,8 +269,14 @@ def tiny_lora_state_dict(unet: nn.Module, rank: int = 4, seed: int = 0,
     return state
 
 
-def build_plugin(kind: str, unet: nn.Module, vae_scale_factor: int, path: str | None = None, seed: int = 0,
-                 local_files_only: bool | None = None) -> Any:
+def build_plugin(
+    kind: str,
+    unet: nn.Module,
+    vae_scale_factor: int,
+    path: str | None = None,
+    seed: int = 0,
+    local_files_only: bool | None = None,
+) -> Any:
     """A base-model plugin: loaded from ``path`` (hub id or local dir) or, without a path, built tiny.
 
     Returns the model (ControlNet / T2I-Adapter), a diffusers-layout LoRA state dict, or ``None``.
@@ -245,5 +299,7 @@ def build_plugin(kind: str, unet: nn.Module, vae_scale_factor: int, path: str | 
     try:
         return cls.from_pretrained(path, local_files_only=bool(local_files_only)).to(dtype=unet.dtype)
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot load {kind} from {path!r} ({type(error).__name__}); pass a local diffusers "
-                        f"directory or a hub id reachable from this machine") from None
+        raise UserError(
+            f"cannot load {kind} from {path!r} ({type(error).__name__}); pass a local diffusers "
+            f"directory or a hub id reachable from this machine"
+        ) from None
