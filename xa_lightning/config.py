@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from xa_lightning.errors import UserError
 from xa_lightning.paths import repo_root
@@ -40,9 +40,29 @@ SCHEMAS: dict[str, str] = {
 }
 
 
+EXPERIMENT_NAME_RESOLVER = "xa.experiment_name"
+
+
+def experiment_run_name(choice: str | None, default: str = "run") -> str:
+    """The run name an experiment gets unless it sets one: its path in experiments/, ``/`` -> ``_``."""
+    return str(choice).replace("/", "_") if choice else default
+
+
+def _experiment_name_of_job(default: str = "run") -> str:
+    """``${xa.experiment_name:}`` inside a Hydra job: the job's own ``experiment=`` choice (so each job of
+    ``-m experiment=a,b`` is named after its experiment)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return default
+    return experiment_run_name(HydraConfig.get().runtime.choices.get("experiment"), default)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("xa.root"):
         OmegaConf.register_new_resolver("xa.root", lambda: str(repo_root()))
+    if not OmegaConf.has_resolver(EXPERIMENT_NAME_RESOLVER):
+        OmegaConf.register_new_resolver(EXPERIMENT_NAME_RESOLVER, _experiment_name_of_job)
 
 
 # ---------------------------------------------------------------------------------------------- values
@@ -85,7 +105,9 @@ def _first_of_sweeps(overrides: Iterable[str]) -> list[str]:
         key = override.get_key_element()
         if key.startswith("hydra") or key.lstrip("+~").startswith("hydra"):
             continue
-        if override.is_sweep_override():
+        if override.is_interval_sweep():  # an Optuna search space: validate with its lower bound
+            result.append(f"{key}={override.value().start}")
+        elif override.is_sweep_override():
             first = next(iter(override.sweep_string_iterator()))
             result.append(f"{key}={first}")
         else:
@@ -103,13 +125,27 @@ def compose(config_name: str, overrides: Iterable[str] = ()) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=_first_of_sweeps(overrides))
+            cfg = hydra_compose(
+                config_name=config_name, overrides=_first_of_sweeps(overrides), return_hydra_config=True
+            )
     except UserError:
         raise
     except Exception as exc:  # hydra / omegaconf errors have many types; all become one line
         raise UserError(one_line(exc)) from exc
     finally:
         GlobalHydra.instance().clear()
+    return _without_hydra_node(cfg)
+
+
+def _without_hydra_node(cfg: DictConfig) -> DictConfig:
+    """The job config as a Hydra job sees it, with ``run_name`` fixed from the experiment choice: outside a
+    Hydra job there is no HydraConfig for ``${xa.experiment_name:}`` to read."""
+    choice = OmegaConf.select(cfg, "hydra.runtime.choices.experiment", default=None)
+    with open_dict(cfg):
+        if "run_name" in cfg and EXPERIMENT_NAME_RESOLVER in str(cfg._get_node("run_name")._value()):
+            cfg.run_name = experiment_run_name(choice)
+        del cfg["hydra"]
+    return cfg
 
 
 def one_line(exc: BaseException) -> str:

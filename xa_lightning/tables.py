@@ -68,11 +68,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xa-tables", description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="*", default=["outputs", "multirun"], help="run / sweep directories")
     parser.add_argument("--out", default=None, help="also write the Markdown table to this file")
-    args = parser.parse_args(list(argv or []))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(argv or []))
     rows = collect([d for d in args.dirs if Path(d).exists()] if args.dirs == ["outputs", "multirun"] else args.dirs)
     table = markdown(rows)
     print(table)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from xa_lightning.callbacks import EvaluationCallback, read_offline_run
+from tests.wandb_offline import read_offline_run
+from xa_lightning.callbacks import EvaluationCallback
 from xa_lightning.errors import UserError
 
 from .tiny_method import EvalDataModule, TinyTextAdapterModule, loader
