@@ -107,13 +107,11 @@ def run(cfg: DictConfig) -> float | None:
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         elif cfg.evaluate:  # evaluate given weights (method init_weights, or ckpt_path) without training
             from xa_lightning.evaluate import evaluate_module
-            from xa_lightning.training import safe_torch_load
+            from xa_lightning.training import load_checkpoint_state, safe_torch_load
 
             ckpt = resolve_ckpt_path(cfg)
             if ckpt:
-                checkpoint = safe_torch_load(ckpt)
-                model.on_load_checkpoint(checkpoint)
-                model.load_state_dict(checkpoint["state_dict"])
+                load_checkpoint_state(model, safe_torch_load(ckpt), source=ckpt)
             device = "cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu"
             metrics = evaluate_module(model, cfg.eval, cfg.data, out_dir, device=device)["metrics"]
         else:

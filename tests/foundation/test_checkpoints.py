@@ -10,7 +10,13 @@ import torch
 
 from tests.foundation.toy_method import ResidualEpsModule, loader
 from xa_lightning.errors import UserError
-from xa_lightning.training import AtomicCheckpointIO, atomic_torch_save, load_method, safe_torch_load
+from xa_lightning.training import (
+    AtomicCheckpointIO,
+    atomic_torch_save,
+    load_checkpoint_state,
+    load_method,
+    safe_torch_load,
+)
 
 
 def make_trainer(tmp_path, max_steps: int, **kwargs) -> L.Trainer:
@@ -118,7 +124,7 @@ def test_atomic_save_keeps_previous_checkpoint_when_killed(tmp_path, monkeypatch
 def test_unreadable_checkpoint_is_one_clear_error(tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="cannot be read safely"):
+    with pytest.raises(UserError, match=r"cannot read checkpoint .*bad\.ckpt safely"):
         safe_torch_load(bad)
     with pytest.raises(UserError, match="does not exist"):
         safe_torch_load(tmp_path / "missing.ckpt")
@@ -155,3 +161,24 @@ def test_load_method_rebuilds_from_checkpoint_config(tmp_path):
     assert isinstance(rebuilt, ResidualEpsModule)
     for key, value in module.adapter.state_dict().items():
         torch.testing.assert_close(rebuilt.adapter.state_dict()[key], value)
+
+
+def test_checkpoint_state_loads_into_a_built_module_after_the_checks(tmp_path):
+    """What ``xa-train train=false ckpt_path=...`` and ``load_method`` share: checks first, then the adapter."""
+    module = ResidualEpsModule()
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.fit(module, train_dataloaders=loader())
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    checkpoint = safe_torch_load(tmp_path / "m.ckpt")
+
+    fresh = ResidualEpsModule()
+    assert load_checkpoint_state(fresh, checkpoint, source="m.ckpt") is fresh
+    for key, value in adapter_tensors(module).items():
+        assert torch.equal(fresh.adapter.state_dict()[key], value)
+    assert fresh.samples_seen == module.samples_seen == 4
+    other = ResidualEpsModule(family="pixart_alpha")
+    untouched = adapter_tensors(other)
+    with pytest.raises(UserError, match="m.ckpt was trained on backbones"):
+        load_checkpoint_state(other, checkpoint, source="m.ckpt")
+    for key, value in untouched.items():
+        assert torch.equal(other.adapter.state_dict()[key], value)

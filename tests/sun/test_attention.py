@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from xa_lightning.errors import UserError
-from xa_lightning.methods.sun import SUNAdapter, SUNAttnProcessor, attention_normalization, concat_negative
+from xa_lightning.methods.sun import (
+    PositiveOnlyAttnProcessor,
+    SUNAdapter,
+    SUNAttnProcessor,
+    attention_normalization,
+    concat_negative,
+    shield_from_negative_tokens,
+)
 
 from .conftest import random_adapter, text_states
 
@@ -38,6 +47,51 @@ def test_installs_on_cross_attention_only(unet):
     assert not any("neg" in key for key in unet.state_dict())
     adapter.uninstall(unet)
     assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
+
+
+def test_install_then_uninstall_leaves_the_unet_bit_identical_also_with_a_second_unet(backbone, unet, other_unet):
+    latents, positive, negative = _inputs(backbone)
+    processors = dict(unet.attn_processors)
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    reference = _run(unet, latents, positive)
+    plugin = copy.deepcopy(other_unet)  # a fine-tune the same adapter runs in at the same time
+    plugin_reference = _run(plugin, latents, positive)
+    adapter = random_adapter(unet)
+    adapter.install(unet)
+    adapter.install(plugin)
+    adapter.install(unet)  # again: replaces itself, never wraps itself
+    assert adapter.is_installed(unet) and adapter.is_installed(plugin)
+    installed = unet.attn_processors
+    for key, processor in processors.items():
+        if key.endswith("attn2.processor"):
+            assert isinstance(installed[key], SUNAttnProcessor) and installed[key].original is processor
+        else:
+            assert installed[key] is processor
+    states = concat_negative(positive, negative)
+    assert (_run(unet, latents, states) - reference).abs().max() > 1e-3
+
+    adapter.uninstall(unet)
+    assert not adapter.is_installed(unet)
+    assert all(unet.attn_processors[key] is processor for key, processor in processors.items())  # the same objects
+    assert unet.state_dict().keys() == state.keys()
+    assert all(torch.equal(value, state[key]) for key, value in unet.state_dict().items())
+    assert torch.equal(_run(unet, latents, positive), reference)
+    adapter.uninstall(unet)  # a second uninstall changes nothing
+    assert all(unet.attn_processors[key] is processor for key, processor in processors.items())
+
+    assert adapter.is_installed(plugin)  # the other UNet keeps SUN until its own uninstall
+    assert (_run(plugin, latents, states) - plugin_reference).abs().max() > 1e-3
+    adapter.uninstall(plugin)
+    assert torch.equal(_run(plugin, latents, positive), plugin_reference)
+
+    shield = shield_from_negative_tokens(unet, 77)
+    assert all(
+        isinstance(p, PositiveOnlyAttnProcessor) == k.endswith("attn2.processor")
+        for k, p in unet.attn_processors.items()
+    )
+    torch.testing.assert_close(_run(unet, latents, states), reference, rtol=0, atol=0)  # negative tokens dropped
+    shield.remove()
+    assert all(unet.attn_processors[key] is processor for key, processor in processors.items())
 
 
 @pytest.mark.parametrize("zeroing", ["alpha_beta", "value_projection", "scale"])

@@ -7,8 +7,9 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from tests.x_adapter.helpers import latent_size, make_mapper
+from xa_lightning.backbones.surgery import capture_outputs
 from xa_lightning.errors import UserError
-from xa_lightning.methods.x_adapter.injection import ResidualInjector, capture_block_outputs
+from xa_lightning.methods.x_adapter.injection import ResidualInjector
 from xa_lightning.methods.x_adapter.mapper import XAdapterMapper, derive_mapping, unet_block_shapes
 
 
@@ -23,7 +24,7 @@ def _inputs(backbone, batch: int = 2, seed: int = 0, size: tuple[int, int] | Non
 
 def _block_outputs(backbone, names, size=None):
     latents, t, cond, added = _inputs(backbone, size=size)
-    with torch.no_grad(), capture_block_outputs(backbone.denoiser, names) as captured:
+    with torch.no_grad(), capture_outputs(backbone.denoiser, names) as captured:
         backbone.predict(latents, t, cond, added)
     return captured
 
@@ -99,7 +100,7 @@ def test_other_model_pair_and_non_square_sizes_work_without_code_changes(upgrade
     assert [p.base.name for p in pairs] == ["up_blocks.0", "up_blocks.1", "up_blocks.2"]
     assert "interpolate" in {p.resample for p in pairs}
     mapper = XAdapterMapper.from_unets(sd21, upgraded_backbone.denoiser, (12, 12), latent_size(upgraded_backbone))
-    with torch.no_grad(), capture_block_outputs(sd21, mapper.config.base_blocks) as captured:
+    with torch.no_grad(), capture_outputs(sd21, mapper.config.base_blocks) as captured:
         sd21(torch.randn(1, 4, 12, 10), 10, encoder_hidden_states=torch.randn(1, 77, 48))
     latents, t, cond, added = _inputs(upgraded_backbone, batch=1, size=(16, 14))
     with torch.no_grad():
@@ -142,6 +143,28 @@ def test_scale_zero_and_hook_removal_restore_the_upgraded_model(base_backbone, u
             injector.set_base_features(base_features, scale=1.0)
             assert not torch.allclose(upgraded_backbone.predict(latents, t, cond, added), reference)
         assert torch.equal(upgraded_backbone.predict(latents, t, cond, added), reference)  # hooks gone
+
+
+def test_two_stages_mapped_into_one_upgraded_block_both_fuse(base_backbone, upgraded_backbone):
+    pairs = [["up_blocks.1", "up_blocks.0"], ["up_blocks.2", "up_blocks.0"]]
+    mapper = make_mapper(base_backbone, upgraded_backbone, seed=0, block_pairs=pairs)
+    base_features = [_block_outputs(base_backbone, mapper.config.base_blocks)[n] for n in mapper.config.base_blocks]
+    latents, t, cond, added = _inputs(upgraded_backbone, seed=1)
+
+    def fused() -> tuple[torch.Tensor, set[int]]:
+        injector = ResidualInjector(mapper, upgraded_backbone.denoiser)
+        with torch.no_grad(), injector.active():
+            injector.set_base_features(base_features)
+            return upgraded_backbone.predict(latents, t, cond, added), set(injector.mapped)
+
+    both, stages = fused()
+    assert stages == {0, 1}
+    with torch.no_grad():
+        reference = upgraded_backbone.predict(latents, t, cond, added)
+        mapper.stages[1].zero_out.weight.zero_()
+        mapper.stages[1].zero_out.bias.zero_()
+    first_only, _ = fused()
+    assert not torch.allclose(first_only, reference) and not torch.allclose(both, first_only)
 
 
 def test_save_and_load_roundtrip(tmp_path, base_backbone, upgraded_backbone):

@@ -8,7 +8,7 @@ from diffusers import DPMSolverMultistepScheduler
 
 from tests.x_adapter.helpers import make_mapper, make_pipeline
 from xa_lightning.errors import UserError
-from xa_lightning.methods.x_adapter.plugins import tiny_controlnet, tiny_lora_state_dict, tiny_t2i_adapter
+from xa_lightning.plugins import tiny_controlnet, tiny_lora_state_dict, tiny_t2i_adapter
 
 STEPS, ALPHA = 2, 0.5
 CONTROL = torch.linspace(0, 1, 64 * 64 * 3).reshape(1, 3, 64, 64)  # a deterministic "edge map"

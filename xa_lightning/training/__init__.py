@@ -3,6 +3,7 @@
 from xa_lightning.training.callbacks import AdapterExport
 from xa_lightning.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save, safe_torch_load
 from xa_lightning.training.module import ADAPTER_META_FILE, AdapterModule, Sampler
+from xa_lightning.training.restore import load_checkpoint_state, load_method
 
 __all__ = [
     "ADAPTER_META_FILE",
@@ -11,8 +12,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "Sampler",
     "atomic_torch_save",
+    "load_checkpoint_state",
+    "load_method",
     "safe_torch_load",
 ]
-from xa_lightning.training.restore import load_method
-
-__all__ += ["load_method"]

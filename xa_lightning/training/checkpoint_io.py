@@ -1,4 +1,4 @@
-"""Checkpoint files that are written atomically and read without executing code."""
+"""Checkpoint files that are written atomically and read without executing code (``xa_lightning.weights``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from xa_lightning.errors import UserError
+from xa_lightning.weights import read_object
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -33,16 +33,10 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no pickled code runs); clear errors for bad files."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass an existing .ckpt (or ckpt_path=last to resume)")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated/foreign files
-        raise UserError(
-            f"checkpoint {path} cannot be read safely ({type(exc).__name__}); is it a complete xa-lightning checkpoint?"
-        ) from exc
+    """A checkpoint read through the one safe weight reader (``weights_only``: no pickled code runs)."""
+    return read_object(
+        path, "checkpoint", fix="pass an existing .ckpt (or ckpt_path=last to resume)", map_location=map_location
+    )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from xa_lightning.errors import UserError
+from xa_lightning.weights import read_state_dict
 
 # sampler(prompts, seeds, references) -> uint8 images (B, 3, H, W)
 Sampler = Callable[[list[str], list[int], torch.Tensor | None], torch.Tensor]
@@ -186,8 +187,6 @@ class AdapterModule(L.LightningModule):
 
     def load_adapter(self, directory: str | Path) -> None:
         """Load an exported adapter (safetensors only: loading executes no code)."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         meta_file = directory / ADAPTER_META_FILE
         if not meta_file.is_file():
@@ -198,7 +197,7 @@ class AdapterModule(L.LightningModule):
             raise UserError(f"{directory} holds no .safetensors weights")
         state: dict[str, torch.Tensor] = {}
         for file in weights:
-            state.update(load_file(file))
+            state.update(read_state_dict(file, "adapter weights", fix=f"re-export the adapter into {directory}"))
         self.adapter.load_state_dict(state, strict=True)
 
 

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from xa_lightning.backbones.surgery import AttentionLayer, Surgery, attention_layers, install_processors
 from xa_lightning.errors import UserError
 from xa_lightning.methods.sun.attention import PositiveOnlyAttnProcessor, SUNAttnProcessor
 
-PROCESSOR_SUFFIX = ".processor"
 NORM_SCOPES = ("sample", "token")
 PROJECTION_INITS = ("copy", "random", "zero")
 
@@ -48,32 +48,23 @@ class SUNLayer(nn.Module):
             self.pos_beta = nn.Parameter(torch.full((inner_dim,), float(beta_init)))
 
 
-def cross_attention_layers(unet: nn.Module) -> list[tuple[str, Attention]]:
-    """The cross-attention layers of a denoiser in ``attn_processors`` order (self-attention excluded)."""
-    processors = getattr(unet, "attn_processors", None)
-    if processors is None:
-        raise TypeError(f"{type(unet).__name__} has no attn_processors; SUN needs a diffusers UNet")
-    modules = dict(unet.named_modules())
-    layers = []
-    for key in processors:
-        name = key[: -len(PROCESSOR_SUFFIX)]
-        module = modules[name]
-        if isinstance(module, Attention) and module.is_cross_attention:
-            layers.append((name, module))
-    return layers
+def _layer_shape(layer: AttentionLayer) -> tuple[int, int]:
+    return int(layer.module.to_q.out_features), int(layer.module.to_k.in_features)
 
 
-def _layer_shape(attn: Attention) -> tuple[int, int]:
-    return int(attn.to_q.out_features), int(attn.to_k.in_features)
+def _unwrapped(processor: Any) -> Any:
+    """The processor SUN replaced (SUN never wraps SUN: a new adapter takes the old one's place)."""
+    return processor.original if isinstance(processor, SUNAttnProcessor) else processor
 
 
 class SUNAdapter(ModelMixin, ConfigMixin):
     """SpeedUpNet: all per-layer SUN weights of one denoiser architecture, installable into any denoiser
     with the same cross-attention layers (the base model, a fine-tuned one, an inpainting UNet).
 
-    Build it with :meth:`from_unet`, plug it in with :meth:`install` (``unet.set_attn_processor`` on the
-    cross-attention layers only) and feed the UNet ``concat_negative(prompt_embeds, negative_embeds)``
-    as ``encoder_hidden_states``. ``save_pretrained`` / ``from_pretrained`` work as for any diffusers model.
+    Build it with :meth:`from_unet`, plug it in with :meth:`install` (processors on the cross-attention
+    layers only, through ``xa_lightning.backbones.surgery``; into several UNets at once if need be) and
+    feed the UNet ``concat_negative(prompt_embeds, negative_embeds)`` as ``encoder_hidden_states``.
+    ``save_pretrained`` / ``from_pretrained`` work as for any diffusers model.
 
     Args:
         layer_names: module paths of the cross-attention layers, e.g.
@@ -111,6 +102,8 @@ class SUNAdapter(ModelMixin, ConfigMixin):
         )
         self.enabled = True
         self.scale = 1.0
+        # The surgery of every UNet this adapter is installed in; weak, so a dropped UNet leaves with its entry.
+        self._surgeries: weakref.WeakKeyDictionary[nn.Module, Surgery] = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -138,13 +131,13 @@ class SUNAdapter(ModelMixin, ConfigMixin):
                 f"sun projection_init={projection_init!r} is not one of {PROJECTION_INITS}; "
                 "fix method.adapter.projection_init"
             )
-        layers = cross_attention_layers(unet)
+        layers = attention_layers(unet, "cross")
         if not layers:
             raise UserError(f"{type(unet).__name__} has no cross-attention layers to install SUN into")
         adapter = cls(
-            layer_names=[name for name, _ in layers],
-            inner_dims=[_layer_shape(attn)[0] for _, attn in layers],
-            cross_attention_dims=[_layer_shape(attn)[1] for _, attn in layers],
+            layer_names=[layer.name for layer in layers],
+            inner_dims=[_layer_shape(layer)[0] for layer in layers],
+            cross_attention_dims=[_layer_shape(layer)[1] for layer in layers],
             num_negative_tokens=num_negative_tokens,
             use_positive_branch=use_positive_branch,
             norm_scope=norm_scope,
@@ -154,7 +147,8 @@ class SUNAdapter(ModelMixin, ConfigMixin):
         )
         adapter.to(device=unet.device)  # stays fp32 (trainable); the processor casts around an fp16 UNet
         with torch.no_grad():
-            for layer, (_, attn) in zip(adapter.layers, layers):
+            for layer, target in zip(adapter.layers, layers):
+                attn = target.module
                 pairs = [(layer.to_k_neg, attn.to_k), (layer.to_v_neg, attn.to_v)]
                 if use_positive_branch:
                     pairs += [(layer.to_k_pos, attn.to_k), (layer.to_v_pos, attn.to_v)]
@@ -168,10 +162,10 @@ class SUNAdapter(ModelMixin, ConfigMixin):
         return adapter
 
     # ------------------------------------------------------------------ plugging in
-    def check_compatible(self, unet: nn.Module) -> list[tuple[str, Attention]]:
+    def check_compatible(self, unet: nn.Module) -> list[AttentionLayer]:
         """The UNet's cross-attention layers, or a UserError naming the first mismatch."""
-        layers = cross_attention_layers(unet)
-        names = [name for name, _ in layers]
+        layers = attention_layers(unet, "cross")
+        names = [layer.name for layer in layers]
         expected = list(self.config.layer_names)
         if names != expected:
             missing = sorted(set(expected) - set(names)) or sorted(set(names) - set(expected)) or names
@@ -179,38 +173,40 @@ class SUNAdapter(ModelMixin, ConfigMixin):
                 f"SUN adapter was built for {len(expected)} cross-attention layers, this UNet has {len(names)} "
                 f"(first difference: {missing[0]}); use a SUN adapter trained for this UNet architecture"
             )
-        for (name, attn), inner, cross in zip(layers, self.config.inner_dims, self.config.cross_attention_dims):
-            if _layer_shape(attn) != (inner, cross):
+        for layer, inner, cross in zip(layers, self.config.inner_dims, self.config.cross_attention_dims):
+            if _layer_shape(layer) != (inner, cross):
                 raise UserError(
-                    f"SUN adapter layer {name} expects (inner, text) dims {(inner, cross)}, the UNet has "
-                    f"{_layer_shape(attn)}; use a SUN adapter trained for this UNet architecture"
+                    f"SUN adapter layer {layer.name} expects (inner, text) dims {(inner, cross)}, the UNet has "
+                    f"{_layer_shape(layer)}; use a SUN adapter trained for this UNet architecture"
                 )
         return layers
 
     def install(self, unet: nn.Module) -> None:
-        """Route ``unet``'s cross-attention layers through SUN (self-attention keeps its processors)."""
-        layers = dict(self.check_compatible(unet))
-        index = {name: i for i, name in enumerate(self.config.layer_names)}
-        processors: dict[str, Any] = {}
-        for key, processor in unet.attn_processors.items():
-            name = key[: -len(PROCESSOR_SUFFIX)]
-            if name in layers:
-                original = processor.original if isinstance(processor, SUNAttnProcessor) else processor
-                processor = SUNAttnProcessor(self.layers[index[name]], self, original)
-            processors[key] = processor
-        unet.set_attn_processor(processors)
+        """Route ``unet``'s cross-attention layers through SUN (self-attention keeps its processors).
+
+        Installing again into the same UNet is a no-op change; installing into another UNet keeps this one.
+        """
+        layers = self.check_compatible(unet)
+        self.uninstall(unet)
+        by_name = dict(zip(self.config.layer_names, self.layers))
+        self._surgeries[unet] = install_processors(
+            unet,
+            lambda layer: SUNAttnProcessor(by_name[layer.name], self, _unwrapped(layer.module.processor)),
+            layers,
+        )
 
     def uninstall(self, unet: nn.Module) -> None:
         """Give ``unet``'s cross-attention layers back the processors they had before :meth:`install`."""
-        processors = {
-            key: processor.original if isinstance(processor, SUNAttnProcessor) else processor
-            for key, processor in unet.attn_processors.items()
-        }
-        unet.set_attn_processor(processors)
+        surgery = self._surgeries.pop(unet, None)
+        if surgery is not None:
+            surgery.remove()
 
-    @staticmethod
-    def is_installed(unet: nn.Module) -> bool:
-        return any(isinstance(p, SUNAttnProcessor) for p in unet.attn_processors.values())
+    def is_installed(self, unet: nn.Module) -> bool:
+        """Whether ``unet``'s cross-attention layers run this adapter."""
+        return any(
+            isinstance(layer.module.processor, SUNAttnProcessor) and layer.module.processor.adapter is self
+            for layer in attention_layers(unet, "cross")
+        )
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
@@ -226,12 +222,16 @@ class SUNAdapter(ModelMixin, ConfigMixin):
         self.scale = float(scale)
 
 
-def shield_from_negative_tokens(model: nn.Module, num_negative_tokens: int) -> None:
-    """Let ``model``'s cross-attention (e.g. a ControlNet's) see only the prompt part of SUN's states."""
-    cross = {name for name, _ in cross_attention_layers(model)}
-    processors: dict[str, Any] = {}
-    for key, processor in model.attn_processors.items():
-        if key[: -len(PROCESSOR_SUFFIX)] in cross and not isinstance(processor, PositiveOnlyAttnProcessor):
-            processor = PositiveOnlyAttnProcessor(processor, num_negative_tokens)
-        processors[key] = processor
-    model.set_attn_processor(processors)
+def shield_from_negative_tokens(model: nn.Module, num_negative_tokens: int) -> Surgery:
+    """Let ``model``'s cross-attention (e.g. a ControlNet's) see only the prompt part of SUN's states.
+
+    Layers already shielded are left alone; the returned :class:`Surgery` takes the shield off again.
+    """
+
+    def shield(layer: AttentionLayer) -> PositiveOnlyAttnProcessor | None:
+        processor = layer.module.processor
+        if isinstance(processor, PositiveOnlyAttnProcessor):
+            return None
+        return PositiveOnlyAttnProcessor(processor, num_negative_tokens)
+
+    return install_processors(model, shield, attention_layers(model, "cross"))

@@ -56,10 +56,10 @@ def run_one(
     warmup: int = 1,
 ) -> dict[str, Any]:
     from xa_lightning.backbones import build_backbone
-    from xa_lightning.bench import device_name
     from xa_lightning.methods.sun.adapter import SUNAdapter
     from xa_lightning.methods.sun.pipeline import SUNPipeline
     from xa_lightning.methods.sun.teacher import dpm_solver
+    from xa_lightning.runtime import device_name
 
     backbone = build_backbone("sd15", flavour, dtype=dtype, device=device)
     unet = backbone.denoiser

@@ -23,8 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from xa_lightning.backbones.surgery import attention_layers
 from xa_lightning.errors import UserError
-from xa_lightning.methods.sun.adapter import PROCESSOR_SUFFIX, SUNAdapter, cross_attention_layers
+from xa_lightning.methods.sun.adapter import SUNAdapter
+from xa_lightning.weights import read_state_dict
 
 # official suffix -> ours
 _NEGATIVE_KEYS = {
@@ -47,9 +49,9 @@ _OFFICIAL_KEY = re.compile(
 
 def official_indices(unet: nn.Module, layer_names: Sequence[str] | None = None) -> list[int]:
     """Each cross-attention layer's number in the official file: its position in ``unet.attn_processors``."""
-    keys = [key[: -len(PROCESSOR_SUFFIX)] for key in unet.attn_processors]
-    names = list(layer_names) if layer_names is not None else [name for name, _ in cross_attention_layers(unet)]
-    return [keys.index(name) for name in names]
+    positions = {layer.name: i for i, layer in enumerate(attention_layers(unet, "all"))}
+    names = list(layer_names) if layer_names is not None else [layer.name for layer in attention_layers(unet, "cross")]
+    return [positions[name] for name in names]
 
 
 def has_positive_branch(official: Mapping[str, Any]) -> bool:
@@ -96,26 +98,6 @@ def sun_to_official(ours: Mapping[str, torch.Tensor], indices: Sequence[int]) ->
     return official
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A ``.safetensors`` file, or a torch pickle read with ``weights_only=True`` (executes no code)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(
-            f"SUN weight file {path} does not exist; download the official sun_adapter_*.safetensors "
-            "or point to an exported adapter"
-        )
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return dict(load_file(str(path)))
-        return dict(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as error:  # corrupt / truncated / not a tensor file
-        raise UserError(
-            f"cannot read SUN weights from {path} ({type(error).__name__}); re-download the file"
-        ) from error
-
-
 def load_official_adapter(
     path_or_state: str | Path | Mapping[str, torch.Tensor],
     unet: nn.Module,
@@ -123,7 +105,14 @@ def load_official_adapter(
     **adapter_kwargs: Any,
 ) -> SUNAdapter:
     """A :class:`SUNAdapter` for ``unet`` holding the official release's weights (not yet installed)."""
-    official = path_or_state if isinstance(path_or_state, Mapping) else read_state_dict(path_or_state)
+    if isinstance(path_or_state, Mapping):
+        official = path_or_state
+    else:
+        official = read_state_dict(
+            path_or_state,
+            "SUN weights",
+            fix="download the official sun_adapter_*.safetensors or point to an exported adapter",
+        )
     adapter = SUNAdapter.from_unet(
         unet,
         num_negative_tokens=num_negative_tokens,

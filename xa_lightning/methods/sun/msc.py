@@ -19,70 +19,16 @@ The paper's exact MSC formula is not public; this is the reconstruction the proj
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from xa_lightning.errors import UserError
+from xa_lightning.methods.sun.config import DistillationConfig
 from xa_lightning.methods.sun.teacher import CFGTeacher, dpm_solver, substep_timesteps, trailing_timesteps
-
-OBJECTIVES = ("msc", "cfg_eps")
-SPACES = ("x", "eps")
-START_FROM = ("data", "noise")
-TIMESTEP_SAMPLING = ("student", "uniform")
 
 # (latents, timestep, encoder_hidden_states) -> model output, with SUN active
 StudentFn = Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class DistillationConfig:
-    """Options of the SUN distillation loss (``method.distillation`` in the config).
-
-    Attributes:
-        objective: ``"msc"`` (multi-step consistency) or ``"cfg_eps"`` (single-step CFG distillation).
-        student_steps: steps of the student trajectory (4).
-        teacher_substeps: teacher DPM-Solver++ steps per student interval; ``None``: the teacher's step
-            count spread over the intervals (round(teacher_steps / student_steps), 6 for 25 / 4).
-        space: ``"x"`` (latent error) or ``"eps"`` (error divided by the step's noise coefficient).
-        step_weights: extra per-student-step weights (length ``student_steps``), e.g. ``[1, 1, 1, 2]``.
-        start_from: ``"data"`` (noised training latents at the first student timestep) or ``"noise"``.
-        detach_history: cut gradients through the solver's previous model outputs (the 2M history).
-        timestep_sampling: ``cfg_eps`` only: ``"student"`` (the student grid) or ``"uniform"`` (0..T-1).
-    """
-
-    objective: str = "msc"
-    student_steps: int = 4
-    teacher_substeps: int | None = None
-    space: str = "x"
-    step_weights: Sequence[float] | None = None
-    start_from: str = "data"
-    detach_history: bool = True
-    timestep_sampling: str = "student"
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("objective", OBJECTIVES),
-            ("space", SPACES),
-            ("start_from", START_FROM),
-            ("timestep_sampling", TIMESTEP_SAMPLING),
-        ]
-        for name, allowed in checks:
-            if getattr(self, name) not in allowed:
-                raise UserError(f"method.distillation.{name}={getattr(self, name)!r} is not one of {allowed}")
-        if self.student_steps < 1:
-            raise UserError(f"method.distillation.student_steps={self.student_steps} must be >= 1")
-        if self.teacher_substeps is not None and self.teacher_substeps < 1:
-            raise UserError(f"method.distillation.teacher_substeps={self.teacher_substeps} must be >= 1 or null")
-        if self.step_weights is not None:
-            self.step_weights = [float(w) for w in self.step_weights]
-            if len(self.step_weights) != self.student_steps:
-                raise UserError(
-                    f"method.distillation.step_weights has {len(self.step_weights)} entries; "
-                    f"give one per student step ({self.student_steps})"
-                )
 
 
 def _noise_coefficient(solver_alphas: torch.Tensor, t_from: int, t_to: int | None) -> float:

@@ -4,22 +4,18 @@ See README.md in this folder. Public API:
 
 - :class:`XAdapterMapper` (diffusers ``ModelMixin``): the mapping layers; ``from_unets`` derives the stages
   from two UNets' block shapes; :func:`derive_mapping`, :func:`unet_block_shapes`.
-- :class:`ResidualInjector`, :func:`capture_block_outputs`: the forward hooks (no forked UNet).
+- :class:`ResidualInjector`: fuses mapped residuals into the upgraded UNet (forward hooks, no forked UNet).
 - :class:`XAdapterPipeline`: two-stage sampling with base-model plugins and remix LoRAs.
 - :func:`load_official_mapper`, :func:`convert_official_state_dict`: the official ``X_Adapter_v1.bin``.
-- ``plugins``: ControlNet / T2I-Adapter residuals, LoRA in diffusers / peft / kohya layouts.
-- :class:`XAdapterModule`: the LightningModule (``method=x_adapter``).
+- :class:`XAdapterModule`: the LightningModule (``method=x_adapter``); its options in ``config.py``.
+
+The plugins it carries (ControlNet, T2I-Adapter, LoRA) live in :mod:`xa_lightning.plugins`.
 """
 
-from xa_lightning.methods.x_adapter.converter import convert_official_state_dict, load_official_mapper
-from xa_lightning.methods.x_adapter.injection import ResidualInjector, capture_block_outputs
-from xa_lightning.methods.x_adapter.lit_module import (
-    MapperOptions,
-    PluginOptions,
-    SamplingOptions,
-    TrainingOptions,
-    XAdapterModule,
-)
+from xa_lightning.methods.x_adapter.config import MapperOptions, PluginOptions, SamplingOptions, TrainingOptions
+from xa_lightning.methods.x_adapter.convert import convert_official_state_dict, load_official_mapper
+from xa_lightning.methods.x_adapter.injection import ResidualInjector
+from xa_lightning.methods.x_adapter.lit_module import XAdapterModule
 from xa_lightning.methods.x_adapter.mapper import (
     BlockShape,
     MappingPair,
@@ -41,7 +37,6 @@ __all__ = [
     "XAdapterModule",
     "XAdapterPipeline",
     "XAdapterPipelineOutput",
-    "capture_block_outputs",
     "convert_official_state_dict",
     "derive_mapping",
     "load_official_mapper",

@@ -88,8 +88,8 @@ def timed(fn: Callable[[], Any], steps: int, device: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from xa_lightning.backbones import build_backbone
-    from xa_lightning.bench import device_name
     from xa_lightning.methods.x_adapter.lit_module import XAdapterModule
+    from xa_lightning.runtime import device_name
 
     parser = argparse.ArgumentParser(prog="xa-bench x-adapter", description=__doc__)
     parser.add_argument("--flavour", default=None, help="tiny (default on CPU) or full_shape (default on GPU)")

@@ -1,59 +1,23 @@
-"""Forward hooks that read base-model block outputs and add mapped residuals to the upgraded model.
+"""Fusing mapped base features into the upgraded model's block outputs.
 
-X-Adapter needs two changes to the UNets' forward pass: record the outputs of some base-model blocks,
-and fuse residuals into the outputs of some upgraded-model blocks. Both are done with
-``register_forward_hook`` on the unmodified diffusers ``UNet2DConditionModel`` (no forked UNet), and
-both are context managers, so the hooks are gone when the ``with`` block ends, even on errors.
-
-Block outputs come in two shapes: ``mid_block`` / ``up_blocks.i`` return a tensor; ``down_blocks.i``
-return ``(hidden_states, skip_states)`` where the last skip state is the same tensor as
-``hidden_states``; a residual on a down block changes both, so the skip connection sees it too.
+X-Adapter changes the UNets' forward pass in two ways: it records the outputs of some base-model blocks
+(``xa_lightning.backbones.surgery.capture_outputs``) and fuses residuals into the outputs of some
+upgraded-model blocks (:class:`ResidualInjector` here). Both are forward hooks on the unmodified diffusers
+``UNet2DConditionModel`` (no forked UNet) registered through the surgery layer, inside ``with`` blocks,
+so they are gone when the block ends, even on errors.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from xa_lightning.backbones.surgery import BlockHook, hidden_of, hook_blocks, replace_hidden
 from xa_lightning.methods.x_adapter.mapper import XAdapterMapper
-
-
-def _hidden_of(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _replace_hidden(output: Any, hidden: torch.Tensor) -> Any:
-    if not isinstance(output, tuple):
-        return hidden
-    skips = output[1]
-    if isinstance(skips, tuple) and len(skips) and skips[-1] is output[0]:
-        skips = skips[:-1] + (hidden,)
-    return (hidden, skips) + tuple(output[2:])
-
-
-@contextlib.contextmanager
-def capture_block_outputs(unet: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the hidden-state output of each named block during the forward passes inside the block."""
-    features: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            features[name] = _hidden_of(output)
-
-        return hook
-
-    try:
-        for name in dict.fromkeys(names):
-            handles.append(unet.get_submodule(name).register_forward_hook(make_hook(name)))
-        yield features
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class ResidualInjector:
@@ -91,37 +55,41 @@ class ResidualInjector:
         self.fusion_guidance_scale = fusion_guidance_scale
         self.mapped = {}
 
-    def _hook(self, stage: int) -> Callable[..., Any]:
+    def _fuse(self, stage: int, output: Any) -> Any:
+        hidden = hidden_of(output)
+        if stage not in self.mapped:
+            self.mapped[stage] = self.mapper.stages[stage](
+                self.base_features[stage].to(next(self.mapper.parameters()).dtype), tuple(hidden.shape[-2:])
+            )
+        mapped = self.mapped[stage]
+        batch = hidden.shape[0]
+        mapped = (
+            _match_batch(mapped, batch)
+            if isinstance(mapped, torch.Tensor)
+            else tuple(_match_batch(m, batch) for m in mapped)
+        )
+        fused = self.mapper.fuse(stage, hidden, mapped, self.scale, self.fusion_guidance_scale)
+        return replace_hidden(output, fused)
+
+    def _hook(self, stages: Sequence[int]) -> BlockHook:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             if not self.enabled or self.base_features is None:
                 return output
-            hidden = _hidden_of(output)
-            if stage not in self.mapped:
-                self.mapped[stage] = self.mapper.stages[stage](
-                    self.base_features[stage].to(next(self.mapper.parameters()).dtype), tuple(hidden.shape[-2:])
-                )
-            mapped = self.mapped[stage]
-            batch = hidden.shape[0]
-            mapped = (
-                _match_batch(mapped, batch)
-                if isinstance(mapped, torch.Tensor)
-                else tuple(_match_batch(m, batch) for m in mapped)
-            )
-            fused = self.mapper.fuse(stage, hidden, mapped, self.scale, self.fusion_guidance_scale)
-            return _replace_hidden(output, fused)
+            for stage in stages:  # stages mapped into the same block fuse in stage order
+                output = self._fuse(stage, output)
+            return output
 
         return hook
 
     @contextlib.contextmanager
     def active(self) -> Iterator[ResidualInjector]:
-        handles = []
+        stages_of: dict[str, list[int]] = {}
+        for stage, name in enumerate(self.mapper.config.upgraded_blocks):
+            stages_of.setdefault(name, []).append(stage)
         try:
-            for stage, name in enumerate(self.mapper.config.upgraded_blocks):
-                handles.append(self.unet.get_submodule(name).register_forward_hook(self._hook(stage)))
-            yield self
+            with hook_blocks(self.unet, {name: self._hook(stages) for name, stages in stages_of.items()}):
+                yield self
         finally:
-            for handle in handles:
-                handle.remove()
             self.set_base_features(None)
 
 

@@ -11,136 +11,24 @@ One training step (null-text training, the paper's Sec. 3.2):
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from xa_lightning.backbones.surgery import capture_outputs
 from xa_lightning.config import coerce_options
 from xa_lightning.errors import UserError
-from xa_lightning.methods.x_adapter.injection import ResidualInjector, capture_block_outputs
-from xa_lightning.methods.x_adapter.mapper import FUSION_TYPES, INSERTION_PLACES, XAdapterMapper
-from xa_lightning.methods.x_adapter.plugins import PLUGIN_KINDS, build_plugin, canny_control_image
-from xa_lightning.training import AdapterModule, Sampler
+from xa_lightning.methods.x_adapter.config import MapperOptions, PluginOptions, SamplingOptions, TrainingOptions
+from xa_lightning.methods.x_adapter.injection import ResidualInjector
+from xa_lightning.methods.x_adapter.mapper import XAdapterMapper
+from xa_lightning.methods.x_adapter.sampling import XAdapterSampling
+from xa_lightning.training import AdapterModule
 
 BASE_FAMILIES = ("sd15",)
 UPGRADED_FAMILIES = ("sdxl", "sd15")
-
-
-@dataclass
-class MapperOptions:
-    """How the mapping layers are built (``method.mapper``), see :class:`XAdapterMapper`.
-
-    ``insertion``: decoder (paper) | encoder | both. ``num_stages``: mapped blocks per place (paper: 3).
-    ``block_pairs``: explicit ``[[base_block, upgraded_block], ...]`` instead of the derived pairs.
-    ``init_weights``: start from the official ``X_Adapter_v1.bin`` or an exported mapper directory;
-    ``require_init_weights``: refuse to run without them (evaluation experiments).
-    """
-
-    insertion: str = "decoder"
-    num_stages: int = 3
-    block_pairs: list[list[str]] | None = None
-    num_res_blocks: int = 3
-    kernel_size: int = 3
-    fusion_type: str = "add"
-    init_weights: str | None = None
-    require_init_weights: bool = False
-
-    def __post_init__(self) -> None:
-        if self.require_init_weights and not self.init_weights:
-            raise UserError(
-                "method.mapper.init_weights is required by this experiment (it evaluates a trained "
-                "mapper): pass X_Adapter_v1.bin or a run's adapter/ export, or set X_ADAPTER_WEIGHTS"
-            )
-        if self.insertion not in INSERTION_PLACES:
-            raise UserError(f"method.mapper.insertion={self.insertion!r} is not one of {INSERTION_PLACES}")
-        if self.fusion_type not in FUSION_TYPES:
-            raise UserError(f"method.mapper.fusion_type={self.fusion_type!r} is not one of {FUSION_TYPES}")
-        if self.init_weights is not None and not Path(self.init_weights).exists():
-            raise UserError(
-                f"method.mapper.init_weights={self.init_weights} does not exist; give X_Adapter_v1.bin "
-                "or an exported adapter directory"
-            )
-
-
-@dataclass
-class TrainingOptions:
-    """The training recipe (``method.training``).
-
-    ``null_text``: the upgraded model gets the empty prompt (paper); false: the caption (ablation).
-    ``timesteps``: shared (one t for both models, paper default) | independent.
-    ``gradient_checkpointing``: recompute the upgraded UNet's and the mapper's activations in backward.
-    ``cached_upgraded_latents``: with a data cache, trust ``latents_<R>`` as the UPGRADED VAE's latents
-    (a cache written with the base backbone holds base-VAE latents at R: those are wrong for SDXL).
-    """
-
-    null_text: bool = True
-    timesteps: str = "shared"
-    gradient_checkpointing: bool = False
-    cached_upgraded_latents: bool = False
-
-    def __post_init__(self) -> None:
-        if self.timesteps not in ("shared", "independent"):
-            raise UserError(f"method.training.timesteps={self.timesteps!r} must be shared or independent")
-
-
-@dataclass
-class SamplingOptions:
-    """Two-stage sampling for evaluation (``method.sampling``); official defaults: DPM-Solver++ 50 steps,
-    CFG 7.5, alpha (adapter_guidance_start) 0.7-1.0 per plugin, condition scale 1.0-1.5.
-
-    ``base_prompt_suffix`` is appended to the base model's prompts only (a LoRA's trigger words, as the
-    official LoRA example does with a separate SD1.5 prompt).
-    """
-
-    steps: int = 50
-    scheduler: str = "dpmsolver++"
-    guidance_scale: float = 7.5
-    base_guidance_scale: float | None = None
-    adapter_guidance_start: float = 0.8
-    adapter_condition_scale: float = 1.0
-    fusion_guidance_scale: float | None = None
-    negative_prompt: str = ""
-    base_prompt_suffix: str = ""
-    progress: bool = False
-
-
-@dataclass
-class PluginOptions:
-    """The base model's plugin in evaluation (``method.plugin``); training is always plugin-free.
-
-    ``kind``: none | controlnet | t2i_adapter | lora. ``path``: hub id / local dir / LoRA file; null builds
-    a tiny random one from the base UNet (demo, tests). ``scale``: conditioning scale / LoRA weight.
-    ``condition``: how evaluation references become the ControlNet / T2I-Adapter input: identity (the
-    references ARE control maps, e.g. canny maps: what edge_f1 compares against) | canny (OpenCV canny of
-    reference photos). ``img2img_strength``: stage 1 starts from the reference image noised to this strength
-    (ControlNet tile: the reference is both the control and the init image).
-    """
-
-    kind: str = "none"
-    path: str | None = None
-    scale: float = 1.0
-    condition: str = "identity"
-    img2img_strength: float | None = None
-    lora_format: str | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in PLUGIN_KINDS:
-            raise UserError(f"method.plugin.kind={self.kind!r} is not one of {PLUGIN_KINDS}")
-        if self.condition not in ("identity", "canny"):
-            raise UserError(f"method.plugin.condition={self.condition!r} must be identity or canny")
-        if self.img2img_strength is not None and not 0.0 < self.img2img_strength <= 1.0:
-            raise UserError(f"method.plugin.img2img_strength={self.img2img_strength} must be in (0, 1] or null")
-        looks_local = self.path is not None and (
-            self.path.startswith((".", "/", "~")) or Path(self.path).suffix in (".safetensors", ".bin", ".pt")
-        )
-        if looks_local and not Path(self.path).expanduser().exists():
-            raise UserError(f"method.plugin.path={self.path} does not exist")
 
 
 def _coerce(value: Any, cls: type, key: str) -> Any:
@@ -160,9 +48,10 @@ def _build_backbone(spec: Any, key: str) -> torch.nn.Module:
     return backbone_from_config(spec)
 
 
-class XAdapterModule(AdapterModule):
+class XAdapterModule(XAdapterSampling, AdapterModule):
     """X-Adapter: trains the mapping layers that let a base model (SD1.5) and its plugins guide a frozen
     upgraded model (SDXL). Both backbones are frozen; only ``self.adapter`` (:class:`XAdapterMapper`) trains.
+    The loss is here; the evaluation samplers come from :class:`XAdapterSampling`.
 
     Args:
         base_backbone / upgraded_backbone: ``Backbone`` objects or their configs.
@@ -211,8 +100,9 @@ class XAdapterModule(AdapterModule):
         if self.training_options.gradient_checkpointing:
             upgraded.denoiser.enable_gradient_checkpointing()
             self.adapter.enable_gradient_checkpointing()
-        self._pipeline: Any = None
-        self._plugin: Any = None
+        # built on first use by the samplers (XAdapterSampling)
+        self._pipeline = None
+        self._plugin = None
         self._plugin_built = False
 
     # ------------------------------------------------------------------ mapper
@@ -239,7 +129,7 @@ class XAdapterModule(AdapterModule):
         )
         if options.init_weights is None:
             return mapper
-        path = Path(options.init_weights)
+        path = Path(options.init_weights).expanduser()
         if path.is_dir():
             try:
                 loaded = XAdapterMapper.from_pretrained(path)
@@ -249,7 +139,7 @@ class XAdapterModule(AdapterModule):
                     "adapter/ directory of an X-Adapter run or X_Adapter_v1.bin"
                 ) from None
         else:
-            from xa_lightning.methods.x_adapter.converter import load_official_mapper
+            from xa_lightning.methods.x_adapter.convert import load_official_mapper
 
             loaded = load_official_mapper(path, mapper.config.base_blocks, mapper.config.upgraded_blocks)
         mine = {
@@ -343,7 +233,7 @@ class XAdapterModule(AdapterModule):
             added_cond = self.upgraded.added_cond_kwargs(upgraded_cond, **self._micro_conditioning(batch, suffix))
 
             base_blocks = list(self.adapter.config.base_blocks)
-            with capture_block_outputs(self.base.denoiser, base_blocks) as captured:
+            with capture_outputs(self.base.denoiser, base_blocks) as captured:
                 self.base.predict(base_noisy, base_t, base_cond)
             features = [captured[name] for name in base_blocks]
 
@@ -362,153 +252,3 @@ class XAdapterModule(AdapterModule):
             first = value if isinstance(value, torch.Tensor) else value[0]
             logs[f"residual_rms/{stage}"] = first.detach().float().square().mean().sqrt()
         return loss, logs
-
-    # ------------------------------------------------------------------ sampling
-    def pipeline(self) -> Any:
-        """The two-stage :class:`XAdapterPipeline` over this module's backbones and mapper (+ plugin)."""
-        from xa_lightning.methods.x_adapter.pipeline import XAdapterPipeline
-
-        if self._pipeline is None:
-            plugin = self._build_plugin()
-            kind = self.plugin_options.kind
-            self._pipeline = XAdapterPipeline.from_backbones(
-                self.base,
-                self.upgraded,
-                self.adapter,
-                scheduler=self.sampling.scheduler,
-                controlnet=plugin if kind == "controlnet" else None,
-                t2i_adapter=plugin if kind == "t2i_adapter" else None,
-            )
-            self._pipeline.set_progress_bar_config(disable=not self.sampling.progress)
-            if kind == "lora":
-                self._pipeline.load_base_lora(
-                    plugin, "plugin", scale=self.plugin_options.scale, lora_format=self.plugin_options.lora_format
-                )
-                self.base.requires_grad_(False)
-                self.base.denoiser.disable_adapters()  # training stays plugin-free
-        return self._pipeline
-
-    def _build_plugin(self) -> Any:
-        if not self._plugin_built:
-            options = self.plugin_options
-            self._plugin = build_plugin(
-                options.kind, self.base.denoiser, self.base.vae_scale_factor, options.path, seed=options.seed
-            )
-            if isinstance(self._plugin, torch.nn.Module):
-                self._plugin.requires_grad_(False).eval().to(self.device)
-            self._plugin_built = True
-        return self._plugin
-
-    def _plugin_kwargs(self, references: torch.Tensor | None) -> dict[str, Any]:
-        options = self.plugin_options
-        wants_references = options.kind in ("controlnet", "t2i_adapter") or options.img2img_strength is not None
-        if not wants_references:
-            return {}
-        if references is None:
-            raise UserError(
-                f"method.plugin (kind={options.kind}, img2img_strength={options.img2img_strength}) needs "
-                "an image per prompt: give evaluation references (eval.references_dir, or a "
-                "datamodule with eval_references)"
-            )
-        references = references.float().clamp(0, 1)
-        kwargs: dict[str, Any] = {}
-        if options.img2img_strength is not None:
-            kwargs.update(image=references, strength=options.img2img_strength)
-        condition = references
-        if options.condition == "canny":
-            condition = canny_control_image((references * 255).round().to(torch.uint8).cpu())
-        if options.kind == "controlnet":
-            kwargs.update(control_image=condition, controlnet_conditioning_scale=options.scale)
-        elif options.kind == "t2i_adapter":
-            kwargs.update(adapter_image=condition, t2i_adapter_conditioning_scale=options.scale)
-        return kwargs
-
-    def _lora_active(self, active: bool) -> None:
-        if self.plugin_options.kind == "lora":
-            (self.base.denoiser.enable_adapters if active else self.base.denoiser.disable_adapters)()
-
-    @staticmethod
-    def _to_uint8(images: torch.Tensor) -> torch.Tensor:
-        return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-
-    @staticmethod
-    def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
-        return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
-
-    def _negatives(self, count: int) -> list[str]:
-        return [self.sampling.negative_prompt] * count
-
-    def _base_prompts(self, prompts: Sequence[str]) -> list[str]:
-        suffix = self.sampling.base_prompt_suffix
-        return [f"{p}, {suffix}" if suffix else p for p in prompts]
-
-    def sample_x_adapter(
-        self, prompts: list[str], seeds: list[int], references: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """X-Adapter: base model + plugin guide the upgraded model (two-stage sampling)."""
-        pipe, s = self.pipeline(), self.sampling
-        self._lora_active(True)
-        try:
-            images = pipe(
-                list(prompts),
-                base_prompt=self._base_prompts(prompts),
-                negative_prompt=self._negatives(len(prompts)),
-                num_inference_steps=s.steps,
-                guidance_scale=s.guidance_scale,
-                base_guidance_scale=s.base_guidance_scale,
-                adapter_guidance_start=s.adapter_guidance_start,
-                adapter_condition_scale=s.adapter_condition_scale,
-                fusion_guidance_scale=s.fusion_guidance_scale,
-                generator=self._generators(seeds),
-                output_type="pt",
-                **self._plugin_kwargs(references),
-            ).images
-        finally:
-            self._lora_active(False)
-        return self._to_uint8(images)
-
-    def sample_base(self, prompts: list[str], seeds: list[int], references: torch.Tensor | None = None) -> torch.Tensor:
-        """Baseline: the base model + plugin alone (what X-Adapter's stage 1 produces), same seeds."""
-        pipe, s = self.pipeline(), self.sampling
-        self._lora_active(True)
-        try:
-            images = pipe.sample_base(
-                self._base_prompts(prompts),
-                negative_prompt=self._negatives(len(prompts)),
-                num_inference_steps=s.steps,
-                guidance_scale=s.guidance_scale if s.base_guidance_scale is None else s.base_guidance_scale,
-                generator=self._generators(seeds),
-                **self._plugin_kwargs(references),
-            )
-        finally:
-            self._lora_active(False)
-        return self._to_uint8(images)
-
-    def sample_upgraded(
-        self, prompts: list[str], seeds: list[int], references: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Baseline: the upgraded model alone (its own diffusers pipeline, same scheduler, steps and CFG)."""
-        s = self.sampling
-        scheduler = self.pipeline().scheduler.__class__.from_config(self.pipeline().scheduler.config)
-        pipe = self.upgraded.pipeline(scheduler=scheduler)
-        pipe.set_progress_bar_config(disable=not s.progress)
-        size = self.upgraded.resolution
-        # Latents out, decoded by the backbone: it casts to the VAE's dtype (an fp32 SDXL VAE beside a bf16
-        # UNet would make the pipeline's own decode fail).
-        latents = pipe(
-            list(prompts),
-            negative_prompt=self._negatives(len(prompts)),
-            num_inference_steps=s.steps,
-            guidance_scale=s.guidance_scale,
-            generator=self._generators(seeds),
-            height=size,
-            width=size,
-            output_type="latent",
-        ).images
-        with torch.no_grad():
-            pixels = self.upgraded.decode_latents(latents)
-        return self._to_uint8(pixels.float() / 2 + 0.5)
-
-    def evaluation_samplers(self) -> OrderedDict[str, Sampler]:
-        """``x_adapter`` (the method), ``upgraded`` (e.g. SDXL alone), ``base`` (e.g. SD1.5 + plugin)."""
-        return OrderedDict(x_adapter=self.sample_x_adapter, upgraded=self.sample_upgraded, base=self.sample_base)

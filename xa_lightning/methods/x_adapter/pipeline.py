@@ -32,10 +32,11 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from xa_lightning.backbones.surgery import capture_outputs
 from xa_lightning.errors import UserError
-from xa_lightning.methods.x_adapter.injection import ResidualInjector, capture_block_outputs
+from xa_lightning.methods.x_adapter.injection import ResidualInjector
 from xa_lightning.methods.x_adapter.mapper import XAdapterMapper
-from xa_lightning.methods.x_adapter.plugins import (
+from xa_lightning.plugins import (
     controlnet_residuals,
     load_lora,
     merge_unet_kwargs,
@@ -651,7 +652,7 @@ class XAdapterPipeline(DiffusionPipeline):
             base_blocks = list(self.adapter.config.base_blocks)
             with injector.active():
                 for step, t in enumerate(stage2_timesteps):
-                    with capture_block_outputs(self.base_unet, base_blocks) as captured:
+                    with capture_outputs(self.base_unet, base_blocks) as captured:
                         base_prediction = self._base_forward(
                             latents,
                             t,

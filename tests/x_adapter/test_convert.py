@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from xa_lightning.errors import UserError
-from xa_lightning.methods.x_adapter.converter import convert_official_state_dict, load_official_mapper
+from xa_lightning.methods.x_adapter.convert import convert_official_state_dict, load_official_mapper
 
 # Scaled-down official layout: in [1280, 640, 320] -> out [1280, 1280, 640] becomes [32, 16, 8] -> [32, 32, 16];
 # 3 residual blocks per stage; the last stage upsamples with a transposed conv. Same key names and structure.

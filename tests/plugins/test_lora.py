@@ -1,4 +1,4 @@
-"""Base-model plugins: LoRA in diffusers / peft / kohya layouts loads to the same weights; scale 0 is a no-op."""
+"""LoRA in diffusers / peft / kohya layouts loads to the same weights; scale 0 is a no-op."""
 
 from __future__ import annotations
 
@@ -10,13 +10,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from xa_lightning.errors import UserError
-from xa_lightning.methods.x_adapter.plugins import (
-    canny_control_image,
-    detect_lora_format,
-    load_lora,
-    read_lora,
-    set_lora_scales,
-)
+from xa_lightning.plugins import detect_lora_format, load_lora, read_lora, set_lora_scales
 
 TARGETS = ["attn2.to_k", "attn2.to_v"]  # few layers: LoRA injection is the slow part
 
@@ -77,8 +71,11 @@ def test_every_lora_layout_reproduces_the_peft_model(tmp_path, fresh_base, donor
 
 
 def test_lora_errors_name_the_file(tmp_path, fresh_base):
-    with pytest.raises(UserError, match="do not exist"):
+    with pytest.raises(UserError, match=r"LoRA file .*nope.safetensors does not exist"):
         read_lora(tmp_path / "nope.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no adapter_model"):
+        read_lora(tmp_path / "empty")
     with pytest.raises(UserError, match="layout"):
         detect_lora_format({"some.weight": torch.zeros(1)})
     bad = {
@@ -87,15 +84,3 @@ def test_lora_errors_name_the_file(tmp_path, fresh_base):
     }
     with pytest.raises(UserError, match="does not fit"):
         load_lora(fresh_base.pipeline(), bad, "bad")
-
-
-def test_canny_control_image_matches_opencv():
-    import cv2
-    import numpy as np
-
-    g = torch.Generator().manual_seed(0)
-    images = (torch.rand(2, 3, 32, 32, generator=g) * 255).to(torch.uint8)
-    maps = canny_control_image(images)
-    assert maps.shape == (2, 3, 32, 32) and maps.dtype == torch.float32
-    expected = cv2.Canny(np.ascontiguousarray(images[1].permute(1, 2, 0).numpy()), 100, 200) / 255.0
-    assert torch.equal(maps[1, 0], torch.from_numpy(expected).float())

@@ -25,6 +25,7 @@ import torch
 
 from xa_lightning.errors import UserError
 from xa_lightning.methods.x_adapter.mapper import XAdapterMapper
+from xa_lightning.weights import read_state_dict
 
 # The release's pairs: SD1.5 up_blocks 1..3 -> SDXL mid block, up_blocks 0..1.
 OFFICIAL_BASE_BLOCKS = ("up_blocks.1", "up_blocks.2", "up_blocks.3")
@@ -130,24 +131,12 @@ def load_official_mapper(
     if isinstance(path_or_state_dict, Mapping):
         state_dict, source = path_or_state_dict, "state dict"
     else:
-        path = Path(path_or_state_dict)
-        source = str(path)
-        if not path.is_file():
-            raise UserError(
-                f"X-Adapter checkpoint {path} does not exist; download X_Adapter_v1.bin from the "
-                "official release and pass its path"
-            )
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                state_dict = load_file(path)
-            else:  # weights_only: a .bin must hold tensors only, never code
-                state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise UserError(f"cannot read X-Adapter checkpoint {path}: {error}") from None
-        if not isinstance(state_dict, Mapping):
-            raise UserError(f"{path} does not hold a state dict")
+        source = str(path_or_state_dict)
+        state_dict = read_state_dict(
+            path_or_state_dict,
+            "X-Adapter weights",
+            fix="download X_Adapter_v1.bin from the official release and pass its path",
+        )
     config, converted = convert_official_state_dict(state_dict, source, base_blocks, upgraded_blocks)
     mapper = XAdapterMapper(**config)
     mapper.load_state_dict(converted, strict=True)
