@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, str] = {
     "fid": "xa_lightning.metrics.bench:main",
     "sun": "xa_lightning.methods.sun.bench:main",
     "x-adapter": "xa_lightning.methods.x_adapter.bench:main",
+    "a4a": "xa_lightning.methods.a4a.bench:main",
 }
 
 
