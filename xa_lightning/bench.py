@@ -13,6 +13,8 @@ import json
 import time
 from collections.abc import Sequence
 
+from xa_lightning.runtime import device_name
+
 # name -> "module:function(argv)"; each method/area registers its own benchmark here.
 BENCHMARKS: dict[str, str] = {
     "backbone": "xa_lightning.bench:backbone_bench",
@@ -22,14 +24,6 @@ BENCHMARKS: dict[str, str] = {
     "x-adapter": "xa_lightning.methods.x_adapter.bench:main",
     "a4a": "xa_lightning.methods.a4a.bench:main",
 }
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def backbone_bench(argv: Sequence[str]) -> int:

@@ -26,7 +26,7 @@ def evaluate_module(
     import torch
 
     from xa_lightning.metrics.config import EvaluationConfig
-    from xa_lightning.metrics.evaluate import build_evaluation_set, evaluate_samplers
+    from xa_lightning.metrics.evaluate import build_evaluation_set, evaluate_samplers, prepare_evaluation
 
     module = module.to(device).eval()
     config = EvaluationConfig.coerce(OmegaConf.to_container(eval_cfg, resolve=True))
@@ -35,6 +35,7 @@ def evaluate_module(
         datamodule = instantiate(data_cfg)
         datamodule.prepare_data()
         datamodule.setup("fit")
+    prepare_evaluation(config, datamodule, device)  # weights and sources, before anything is generated
     eval_set = build_evaluation_set(config, datamodule)
     with torch.no_grad():
         result = evaluate_samplers(

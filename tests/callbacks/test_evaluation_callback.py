@@ -210,3 +210,30 @@ def test_unusable_configuration_fails_before_training(tmp_path, clip_dir):
     assert module.training_steps == 0 and not (tmp_path / "metrics.json").exists()
     with pytest.raises(UserError, match="callbacks.evaluation.every_n_step"):
         EvaluationCallback({"metrics": []}, every_n_step=3)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        # CLIP without weights while real weights are required (eval=paper): not at the first evaluation
+        ({"metrics": ["clip_score"], "clip": {"require_pretrained": True}}, "eval.clip.require_pretrained=true"),
+        (
+            {
+                "metrics": ["ida"],
+                "references_dir": ".",
+                "ida": {"backend": "insightface", "model_dir": "/no/antelopev2"},
+            },
+            "eval.ida.model_dir: /no/antelopev2 does not exist",
+        ),
+        ({"metrics": ["fid"], "fid": {"reference_stats": "/nonexistent/stats.npz"}}, "stats.npz does not exist"),
+        ({"metrics": ["edge_f1"]}, "eval.references_dir is unset"),
+    ],
+)
+def test_every_metric_requirement_is_checked_before_training(tmp_path, clip_dir, settings, message):
+    config = {"prompts_file": "evaluation/prompts/demo.txt", "clip": {"model": clip_dir}, **settings}
+    config["clip"] = {"model": clip_dir, **settings.get("clip", {})}
+    module = TinyTextAdapterModule()
+    trainer = _trainer(tmp_path, [EvaluationCallback(config)], False)
+    with pytest.raises(UserError, match=message):
+        trainer.fit(module, train_dataloaders=loader())
+    assert module.training_steps == 0

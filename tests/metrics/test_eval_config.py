@@ -47,6 +47,7 @@ def test_eval_options_compose_validate_and_instantiate_the_callback(option):
     assert isinstance(evaluation, EvaluationConfig)
     assert "fid" in evaluation.metrics and "clip_score" in evaluation.metrics
     assert Path(evaluation.prompts_file).is_file()
+    assert evaluation.ida.missing_face == "zero"  # a lost face scores 0: what paper numbers use
     if option == "paper":
         assert (evaluation.clip.model, evaluation.clip.pretrained) == ("ViT-L-14", "openai")
         assert evaluation.clip.require_pretrained and evaluation.ida.backend == "insightface"
@@ -68,7 +69,9 @@ def test_overrides_reach_the_callback():
     [
         ({"metrics": ["fid", "clipscore"]}, "did you mean clip_score"),
         ({"num_images": 0}, "eval.num_images"),
-        ({"clip": {"pretrain": "openai"}}, "eval.clip.pretrain is not an evaluation setting"),
+        ({"clip": {"pretrain": "openai"}}, "eval.clip.pretrain is not a setting .*did you mean eval.clip.pretrained"),
+        ({"edge": {"references": "canny"}}, "eval.edge.references"),
+        ({"ida": {"missing_face": "drop"}}, "eval.ida.missing_face"),
         ({"ida": {"backend": "facenet"}}, "eval.ida.backend"),
         ({"pairs": [["a"]]}, "eval.pairs"),
         ({"metrics": ["style_similarity"]}, "eval.style_reference"),
@@ -78,6 +81,22 @@ def test_bad_settings_are_one_line_user_errors(bad, message):
     with pytest.raises(UserError, match=message) as info:
         EvaluationConfig.coerce(bad)
     assert "\n" not in str(info.value)
+
+
+def test_what_the_evaluation_needs_comes_from_the_metrics_declarations():
+    from xa_lightning.metrics.base import OTHER_SAMPLER, PROMPTS, REAL_STATISTICS, REFERENCES
+    from xa_lightning.metrics.registry import METRICS
+
+    assert {"fid", "kid", "clip_score", "clip_image_similarity", "ida", "edge_f1", "style_similarity"} <= set(METRICS)
+    needs = {name: set(metric.needs) for name, metric in METRICS.items()}
+    assert needs["fid"] == needs["kid"] == {REAL_STATISTICS} and needs["clip_score"] == {PROMPTS}
+    assert needs["clip_image_similarity"] == needs["ida"] == needs["edge_f1"] == {REFERENCES}
+    assert needs["style_similarity"] == {OTHER_SAMPLER}
+    cfg = EvaluationConfig.coerce({"metrics": ["kid", "clip_score", "edge_f1"]})
+    assert cfg.needs_references() and cfg.needs_real_images() and cfg.metrics_needing(REFERENCES) == ["edge_f1"]
+    with_stats = EvaluationConfig.coerce({"metrics": ["fid"], "fid": {"reference_stats": "coco"}})
+    assert with_stats.needs_real_statistics() and not with_stats.needs_real_images()
+    assert not EvaluationConfig.coerce({"metrics": ["clip_score"]}).needs_references()
 
 
 def test_prompt_sets():

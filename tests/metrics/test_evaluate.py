@@ -142,18 +142,73 @@ def test_evaluation_set_from_config_files_with_references(tmp_path):
     assert built["real_images"] is None
 
 
-# ---------------------------------------------------------------------------------------------- DDP
 def _tiny_extractor(images: torch.Tensor) -> torch.Tensor:
-    """Cheap deterministic 2048-d features (the Inception is tested elsewhere; here: the reduction)."""
+    """Cheap deterministic 2048-d features (the Inception is tested elsewhere; here: the plumbing)."""
     pooled = torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 8).flatten(1)
     projection = torch.randn(pooled.shape[1], 2048, generator=torch.Generator().manual_seed(0))
     return pooled @ projection
 
 
-def _run(clip_model: str, out_file: str, world_size: int, rank: int) -> None:
-    import xa_lightning.metrics.evaluate as evaluate_module
+def test_num_real_images_null_means_as_many_as_generated_for_every_source(tmp_path, monkeypatch, inception):
+    """eval.fid.num_real_images: null = as many real images as generated ones, whatever the source."""
+    from PIL import Image
 
-    evaluate_module.get_inception = lambda *args, **kwargs: _tiny_extractor
+    import xa_lightning.metrics.inception as inception_module
+
+    sampler = {"m": lambda prompts, seeds, references: seeded_images(seeds)}
+    cfg = {"metrics": ["fid"], "progress": False}
+    real_dir = tmp_path / "real"
+    real_dir.mkdir()
+    for index, image in enumerate(seeded_images(list(range(30, 35)), 40)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(real_dir / f"{index}.png")
+
+    def real_count(source, settings=cfg) -> int:
+        result = evaluate_samplers(sampler, ["a", "b"], [0, 1], None, source, settings, device="cpu")
+        return result["real_statistics"].count
+
+    assert real_count(str(real_dir)) == 2  # 5 files, 2 generated images
+    monkeypatch.setattr(inception_module, "get_inception", lambda *args, **kwargs: _tiny_extractor)
+    reals = seeded_images(list(range(20, 25)))
+    assert real_count(reals) == real_count(list(reals)) == 2
+    assert real_count(reals, {**cfg, "fid": {"num_real_images": 4}}) == 4
+
+
+def test_a_registered_metric_is_configured_checked_and_scored(monkeypatch):
+    """Adding a metric = its class + one registry line: config names, input checks and scoring follow."""
+    from xa_lightning.metrics.base import REFERENCES, MeanScore
+    from xa_lightning.metrics.registry import METRICS
+
+    class BrightnessGap(MeanScore):
+        name = "brightness_gap"
+        needs = frozenset({REFERENCES})
+        higher_is_better = False
+
+        @classmethod
+        def from_config(cls, cfg, context):
+            return cls()
+
+        def score(self, images, prompts=None, references=None):
+            return (images.double().mean((1, 2, 3)) - references.double().mean((1, 2, 3))).abs().cpu()
+
+    with pytest.raises(UserError, match="unknown metric 'brightness_gap'"):
+        evaluate_samplers(
+            {"m": lambda p, s, r: seeded_images(s)}, ["a"], [0], None, None, {"metrics": ["brightness_gap"]}
+        )
+    monkeypatch.setitem(METRICS, "brightness_gap", BrightnessGap)
+    sampler = {"m": lambda prompts, seeds, references: (references * 255).round().to(torch.uint8)}
+    with pytest.raises(UserError, match="brightness_gap but there are no references"):
+        evaluate_samplers(sampler, ["a"], [0], None, None, {"metrics": ["brightness_gap"]}, device="cpu")
+    references = seeded_images([1, 2, 3]).float() / 255
+    result = evaluate_samplers(
+        sampler, ["a", "b", "c"], [0, 1, 2], references, None, {"metrics": ["brightness_gap"], "batch_size": 2}
+    )
+    assert result["metrics"] == {"m/brightness_gap": 0.0} and result["per_image"]["m"]["brightness_gap"] == [0.0] * 3
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+
+
+def _run(clip_model: str, out_file: str, world_size: int, rank: int) -> None:
     if world_size > 1:
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
@@ -190,15 +245,21 @@ def _run(clip_model: str, out_file: str, world_size: int, rank: int) -> None:
 
 
 def _spawned(rank: int, clip_model: str, out_file: str, port: int) -> None:
+    import xa_lightning.metrics.inception as inception_module
+
+    inception_module.get_inception = lambda *args, **kwargs: _tiny_extractor  # a fresh process of its own
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     _run(clip_model, out_file, 2, rank)
 
 
 @pytest.mark.slow
-def test_two_ranks_give_the_single_process_result(tmp_path):
+def test_two_ranks_give_the_single_process_result(tmp_path, monkeypatch):
     """Slow: two spawned processes each import torch + torchmetrics (10-60 s on the shared 2-core box)."""
     import torch.multiprocessing as mp
 
+    import xa_lightning.metrics.inception as inception_module
+
+    monkeypatch.setattr(inception_module, "get_inception", lambda *args, **kwargs: _tiny_extractor)
     clip_model = make_clip_dir(tmp_path / "clip", with_weights=True)
     single, double = tmp_path / "single.pt", tmp_path / "double.pt"
     _run(clip_model, str(single), 1, 0)

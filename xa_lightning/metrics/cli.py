@@ -74,14 +74,9 @@ def _stack(paths: Sequence[Path], size: int | None = None) -> Any:
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_fid(args: argparse.Namespace, kid_only: bool = False) -> dict[str, Any]:
-    from xa_lightning.metrics.fid import (
-        FeatureStatistics,
-        compute_statistics,
-        frechet_distance,
-        get_inception,
-        kernel_inception_distance,
-        stats_path,
-    )
+    from xa_lightning.metrics.fid import FeatureStatistics, compute_statistics, frechet_distance, stats_path
+    from xa_lightning.metrics.inception import get_inception
+    from xa_lightning.metrics.kid import kernel_inception_distance
 
     device = _device(args.device)
     extractor = get_inception(args.weights_dir, device)
@@ -107,7 +102,8 @@ def cmd_fid(args: argparse.Namespace, kid_only: bool = False) -> dict[str, Any]:
 
 
 def cmd_fid_stats(args: argparse.Namespace) -> dict[str, Any]:
-    from xa_lightning.metrics.fid import compute_statistics, get_inception, stats_path
+    from xa_lightning.metrics.fid import compute_statistics, stats_path
+    from xa_lightning.metrics.inception import get_inception
 
     device = _device(args.device)
     target = Path(args.out) if args.out else stats_path(args.name)
@@ -167,7 +163,7 @@ def cmd_clip(args: argparse.Namespace) -> dict[str, Any]:
         metric = ClipImageSimilarity(clip).to(device)
         pairs = _pair_files(args.images, args.references, ("--images", "--references"))
         for batch in _batches(pairs, args.batch_size):
-            metric.update(_stack([g for g, _ in batch]), _stack([r for _, r in batch]))
+            metric.update(_stack([g for g, _ in batch]), references=_stack([r for _, r in batch]))
         result[metric.log_name] = float(metric.compute())
         result["num_pairs"] = len(pairs)
     return result
@@ -182,23 +178,17 @@ def cmd_ida(args: argparse.Namespace) -> dict[str, Any]:
     )
     pairs = _pair_files(args.generated, args.reference, ("--generated", "--reference"))
     for generated, reference in pairs:  # one by one: the folders may mix image sizes
-        metric.update(_stack([generated]), _stack([reference]))
-    return {
-        "metric": "ida",
-        "backend": args.backend,
-        "ida": float(metric.compute()),
-        **metric.extra_scalars(),
-        "num_pairs": len(pairs),
-    }
+        metric.update(_stack([generated]), references=_stack([reference]))
+    return {"metric": "ida", "backend": args.backend, **metric.results(), "num_pairs": len(pairs)}
 
 
 def cmd_edge_f1(args: argparse.Namespace) -> dict[str, Any]:
     from xa_lightning.metrics.condition import EdgeF1
 
-    metric = EdgeF1(args.low_threshold, args.high_threshold, args.radius)
+    metric = EdgeF1(args.low_threshold, args.high_threshold, args.radius, args.references)
     pairs = _pair_files(args.generated, args.control, ("--generated", "--control"))
     for generated, control in pairs:
-        metric.update(_stack([generated]), _stack([control]))
+        metric.update(_stack([generated]), references=_stack([control]))
     return {"metric": "edge_f1", "edge_f1": float(metric.compute()), "num_pairs": len(pairs)}
 
 
@@ -243,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True)
     p.add_argument("--backend", choices=("dlib", "insightface"), default="dlib")
     p.add_argument("--model-dir", default=None, help="insightface: antelopev2 folder; dlib: .dat files folder")
-    p.add_argument("--missing-face", choices=("skip", "zero"), default="skip")
+    p.add_argument("--missing-face", choices=("zero", "skip"), default="zero", help="zero: a lost face scores 0")
     p.add_argument("--det-size", type=int, default=640)
     p.add_argument("--detector", choices=("hog", "cnn"), default="hog")
     p = sub.add_parser("edge-f1", help="ControlNet condition fidelity: edge F1 vs control maps")
@@ -252,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low-threshold", type=int, default=100)
     p.add_argument("--high-threshold", type=int, default=200)
     p.add_argument("--radius", type=int, default=2)
+    p.add_argument(
+        "--references", choices=("edges", "image"), default="edges", help="--control holds edge maps, or photos"
+    )
     return parser
 
 

@@ -1,8 +1,12 @@
-"""Condition fidelity for ControlNet-driven runs: edge F1 between the control edge map and the image's edges.
+"""Condition fidelity for ControlNet-driven runs: edge F1 between the control edges and the image's edges.
 
-The generated image's edges come from OpenCV's Canny (thresholds 100 / 200 by default, those of the
-ControlNet canny preprocessor); the control map is binarised at 128. An edge pixel counts as matched
-when the other map has an edge within ``radius`` pixels (Euclidean), the usual tolerance of boundary F1:
+Both edge maps are compared at one resolution, the control's: the generated image is resized to it
+(bicubic, antialiased, like the evaluation references) and its edges come from OpenCV's Canny with the
+thresholds of the ControlNet canny preprocessor (100 / 200), i.e. the detector that made the control
+map. Upsampling the (thin) control edges to the image instead would thicken them. The reference is
+either the control edge map itself (``references="edges"``, binarised at 128) or a photo whose Canny
+edges at that resolution are the target (``"image"``). An edge pixel counts as matched when the other
+map has an edge within ``radius`` pixels (Euclidean), the usual tolerance of boundary F1:
 
     precision = |generated edges near a control edge| / |generated edges|
     recall    = |control edges near a generated edge| / |control edges|
@@ -13,15 +17,18 @@ The metric is the mean per-image F1.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
-from xa_lightning.metrics.fid import _mark_updated
-from xa_lightning.metrics.images import check_uint8_images, to_numpy_hwc, to_uint8
+from xa_lightning.errors import UserError
+from xa_lightning.metrics.base import REFERENCES, MeanScore, MetricContext, require
+from xa_lightning.metrics.images import check_uint8_images, resize, to_numpy_nhwc, to_uint8
+
+REFERENCE_KINDS = ("edges", "image")
 
 
 def canny_edges(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
@@ -60,53 +67,52 @@ def edge_f1(predicted: np.ndarray, target: np.ndarray, radius: int = 2) -> float
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
-class EdgeF1(Metric):
-    """Mean per-image edge F1 between control edge maps and Canny edges of the generated images.
+class EdgeF1(MeanScore):
+    """Mean per-image edge F1 between the references' edges and Canny edges of the generated images.
 
-    ``update(images, control)``: uint8 ``(B, 3, H, W)`` images and control maps (uint8 or float in
-    [0, 1], 1 or 3 channels; resized with nearest neighbour to the image size when they differ).
+    ``update(images, references=control)``: uint8 ``(B, 3, H, W)`` images and references (uint8 or float
+    in [0, 1], 1 or 3 channels, any resolution: the comparison runs at the references' resolution).
     """
 
-    is_differentiable = False
+    name = "edge_f1"
     higher_is_better = True
-    full_state_update = False
-    log_name = "edge_f1"
+    needs = frozenset({REFERENCES})
 
-    def __init__(self, low_threshold: int = 100, high_threshold: int = 200, radius: int = 2, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        low_threshold: int = 100,
+        high_threshold: int = 200,
+        radius: int = 2,
+        references: str = "edges",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
+        if references not in REFERENCE_KINDS:
+            raise UserError(f"eval.edge.references={references!r}: choose {' or '.join(REFERENCE_KINDS)}")
         self.low_threshold, self.high_threshold, self.radius = low_threshold, high_threshold, radius
-        self.add_state("f1_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.references = references
 
-    def score(self, images: Tensor, control: Tensor) -> Tensor:
-        import cv2
+    @classmethod
+    def from_config(cls, cfg: Any, context: MetricContext) -> EdgeF1:
+        edge = cfg.edge
+        return cls(edge.low_threshold, edge.high_threshold, edge.radius, edge.references)
 
+    def target_edges(self, reference: np.ndarray) -> np.ndarray:
+        """The boolean edge map a reference ``(h, w, 3)`` stands for."""
+        if self.references == "edges":
+            return reference.max(axis=2) >= 128
+        return canny_edges(reference, self.low_threshold, self.high_threshold)
+
+    def score(self, images: Tensor, prompts: Sequence[str] | None = None, references: Tensor | None = None) -> Tensor:
         check_uint8_images(images)
-        control = to_uint8(control)
-        if control.shape[0] != images.shape[0]:
-            raise ValueError(f"{control.shape[0]} control maps for {images.shape[0]} images")
-        scores = []
-        for image, control_map in zip(images, control):
-            image_np = to_numpy_hwc(image)
-            control_np = to_numpy_hwc(control_map).max(axis=2)
-            if control_np.shape != image_np.shape[:2]:
-                control_np = cv2.resize(
-                    control_np, (image_np.shape[1], image_np.shape[0]), interpolation=cv2.INTER_NEAREST
-                )
-            predicted = canny_edges(image_np, self.low_threshold, self.high_threshold)
-            scores.append(edge_f1(predicted, control_np >= 128, self.radius))
+        references = to_uint8(require(references, "references (control maps)", self.name))
+        if references.shape[0] != images.shape[0]:
+            raise ValueError(f"{references.shape[0]} control maps for {images.shape[0]} images")
+        images = resize(images, *references.shape[-2:])
+        scores = [
+            edge_f1(
+                canny_edges(image, self.low_threshold, self.high_threshold), self.target_edges(reference), self.radius
+            )
+            for image, reference in zip(to_numpy_nhwc(images), to_numpy_nhwc(references))
+        ]
         return torch.tensor(scores, dtype=torch.float64)
-
-    def update(self, images: Tensor, control: Tensor) -> None:
-        self.accumulate(self.score(images, control))
-
-    def accumulate(self, scores: Tensor) -> None:
-        """Add the per-image F1 values of :meth:`score` to the state."""
-        _mark_updated(self)
-        self.f1_sum = self.f1_sum + scores.sum().to(self.device)
-        self.count = self.count + scores.numel()
-
-    def compute(self) -> Tensor:
-        if int(self.count) == 0:
-            raise ValueError("edge_f1: no images were scored")
-        return self.f1_sum / self.count

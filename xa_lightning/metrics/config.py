@@ -2,7 +2,8 @@
 
 ``conf/eval/*.yaml`` are ``_target_`` nodes of :class:`EvaluationConfig`; Hydra builds the nested
 sections first (``FIDConfig``, ``CLIPConfig``, ...). Plain mappings work too (tests, Python users):
-unknown keys and impossible values raise a one-line UserError naming ``eval.<key>``.
+unknown keys and impossible values raise a one-line UserError naming ``eval.<key>``. Which metrics exist
+and what each needs (references, real statistics, ...) comes from ``xa_lightning/metrics/registry.py``.
 """
 
 from __future__ import annotations
@@ -13,33 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from xa_lightning.config import to_plain
+from xa_lightning.config import coerce_options, to_plain
 from xa_lightning.errors import UserError
-
-METRIC_NAMES = ("fid", "kid", "clip_score", "clip_image_similarity", "ida", "edge_f1", "style_similarity")
-# Metrics that compare each generated image with the reference given to the sampler.
-REFERENCE_METRICS = ("clip_image_similarity", "ida", "edge_f1")
-
+from xa_lightning.metrics.base import OTHER_SAMPLER, REAL_STATISTICS, REFERENCES
+from xa_lightning.metrics.registry import METRICS
 
 _plain = to_plain  # instantiate may pass DictConfig / ListConfig
-
-
-def _from_mapping(cls: type, value: Any, prefix: str) -> Any:
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    value = _plain(value)
-    if not isinstance(value, Mapping):
-        raise UserError(f"{prefix} must be a mapping of {', '.join(f.name for f in dataclasses.fields(cls))}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    data = {k: v for k, v in value.items() if not (str(k).startswith("_") and str(k).endswith("_"))}
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}.{close[0]}?)" if close else ""
-            raise UserError(f"{prefix}.{key} is not an evaluation setting{hint}")
-    return cls(**data)
 
 
 def _positive(value: Any, key: str, allow_zero: bool = False) -> int:
@@ -57,9 +37,11 @@ class FIDConfig:
     """FID / KID settings.
 
     ``reference_stats``: a ``.npz`` (clean-fid's mu/sigma) or a name cached by ``xa-eval fid-stats``;
-    when set, no real images are needed. ``weights_dir``: where clean-fid's Inception file lives
-    (default: ``<cache>/fid``). ``low_rank_max_images``: sets up to this size keep their features
-    (exact, fast FID on small sets); memory stays bounded.
+    when set, no real images are needed. ``num_real_images``: the first N real images of whichever
+    source (datamodule, ``eval.real_dir``, a tensor); None = as many as images are generated.
+    ``weights_dir``: where clean-fid's Inception file lives (default: ``<cache>/fid``).
+    ``low_rank_max_images``: sets up to this size keep their features (exact, fast FID on small sets);
+    memory stays bounded.
     """
 
     reference_stats: str | None = None
@@ -94,19 +76,23 @@ class CLIPConfig:
 
 @dataclass
 class IDAConfig:
-    """Identity alignment: ``backend`` dlib (offline weights) or insightface (``model_dir``: antelopev2)."""
+    """Identity alignment: ``backend`` dlib (offline weights) or insightface (``model_dir``: antelopev2).
+
+    ``missing_face``: zero (a generated image without a face scores 0; what paper numbers use) or skip
+    (IDA over the pairs with both faces; inflates a method that loses faces).
+    """
 
     backend: str = "dlib"
     model_dir: str | None = None
-    missing_face: str = "skip"
+    missing_face: str = "zero"
     det_size: int = 640
     detector: str = "hog"
 
     def __post_init__(self) -> None:
         if self.backend not in ("dlib", "insightface"):
             raise UserError(f"eval.ida.backend={self.backend!r}: choose dlib or insightface")
-        if self.missing_face not in ("skip", "zero"):
-            raise UserError(f"eval.ida.missing_face={self.missing_face!r}: choose skip or zero")
+        if self.missing_face not in ("zero", "skip"):
+            raise UserError(f"eval.ida.missing_face={self.missing_face!r}: choose zero or skip")
         if self.detector not in ("hog", "cnn"):
             raise UserError(f"eval.ida.detector={self.detector!r}: choose hog or cnn")
 
@@ -118,11 +104,17 @@ class IDAConfig:
 
 @dataclass
 class EdgeConfig:
-    """Edge F1: Canny thresholds for the generated image and the match tolerance in pixels."""
+    """Edge F1: Canny thresholds, the match tolerance in pixels (at the references' resolution), and what
+    the references are: ``edges`` (control edge maps) or ``image`` (photos, edges by the same Canny)."""
 
     low_threshold: int = 100
     high_threshold: int = 200
     radius: int = 2
+    references: str = "edges"
+
+    def __post_init__(self) -> None:
+        if self.references not in ("edges", "image"):
+            raise UserError(f"eval.edge.references={self.references!r}: choose edges or image")
 
 
 @dataclass
@@ -163,10 +155,10 @@ class EvaluationConfig:
     def __post_init__(self) -> None:
         self.metrics = [str(m) for m in (_plain(self.metrics) or [])]
         for name in self.metrics:
-            if name not in METRIC_NAMES:
-                close = difflib.get_close_matches(name, METRIC_NAMES, n=1)
+            if name not in METRICS:
+                close = difflib.get_close_matches(name, list(METRICS), n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
-                raise UserError(f"eval.metrics: unknown metric {name!r}{hint}; available: {', '.join(METRIC_NAMES)}")
+                raise UserError(f"eval.metrics: unknown metric {name!r}{hint}; available: {', '.join(METRICS)}")
         self.num_images = _positive(self.num_images, "eval.num_images")
         self.batch_size = _positive(self.batch_size, "eval.batch_size")
         self.every_n_steps = _positive(self.every_n_steps or 0, "eval.every_n_steps", allow_zero=True)
@@ -178,26 +170,33 @@ class EvaluationConfig:
         if not all(isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 for p in pairs):
             raise UserError(f"eval.pairs={pairs!r}: give pairs of sampler names, e.g. [[sun, teacher]]")
         self.pairs = [[str(a), str(b)] for a, b in pairs]
-        if "style_similarity" in self.metrics and not self.style_reference:
+        if self.metrics_needing(OTHER_SAMPLER) and not self.style_reference:
             raise UserError(
-                "eval.style_reference is required for style_similarity: the sampler whose images "
-                "are the style target (e.g. the base model + LoRA)"
+                f"eval.style_reference is required for {', '.join(self.metrics_needing(OTHER_SAMPLER))}: the "
+                "sampler whose images are the style target (e.g. the base model + LoRA)"
             )
-        self.fid = _from_mapping(FIDConfig, self.fid, "eval.fid")
-        self.clip = _from_mapping(CLIPConfig, self.clip, "eval.clip")
-        self.ida = _from_mapping(IDAConfig, self.ida, "eval.ida")
-        self.edge = _from_mapping(EdgeConfig, self.edge, "eval.edge")
+        self.fid = coerce_options(self.fid, FIDConfig, "eval.fid")
+        self.clip = coerce_options(self.clip, CLIPConfig, "eval.clip")
+        self.ida = coerce_options(self.ida, IDAConfig, "eval.ida")
+        self.edge = coerce_options(self.edge, EdgeConfig, "eval.edge")
 
     @classmethod
     def coerce(cls, value: EvaluationConfig | Mapping | None) -> EvaluationConfig:
         """An EvaluationConfig from itself, a mapping / DictConfig (``_target_`` ignored) or None (defaults)."""
-        return _from_mapping(cls, value, "eval")
+        return coerce_options(value, cls, "eval")
+
+    def metrics_needing(self, need: str) -> list[str]:
+        """The configured metrics that declare ``need`` (``xa_lightning.metrics.base.REFERENCES``, ...)."""
+        return [name for name in self.metrics if need in METRICS[name].needs]
 
     def needs_references(self) -> bool:
-        return any(m in REFERENCE_METRICS for m in self.metrics)
+        return bool(self.metrics_needing(REFERENCES))
+
+    def needs_real_statistics(self) -> bool:
+        return bool(self.metrics_needing(REAL_STATISTICS))
 
     def needs_real_images(self) -> bool:
-        return any(m in ("fid", "kid") for m in self.metrics) and not self.fid.reference_stats
+        return self.needs_real_statistics() and not self.fid.reference_stats
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,25 +23,27 @@ import torch
 from torch import Tensor
 
 from xa_lightning.errors import UserError
+from xa_lightning.metrics.base import (
+    OTHER_SAMPLER,
+    REAL_STATISTICS,
+    REFERENCES,
+    EvaluationMetric,
+    MetricContext,
+    dist_info,
+)
 from xa_lightning.metrics.config import EvaluationConfig
 from xa_lightning.metrics.fid import (
     FeatureStatistics,
-    FrechetInceptionDistance,
-    KernelInceptionDistance,
+    InceptionStatistics,
+    compute_statistics,
     frechet_distance,
-    get_inception,
     stats_path,
 )
-from xa_lightning.metrics.images import iterate_batches, list_image_files, load_image, to_uint8, to_unit_float
+from xa_lightning.metrics.images import list_image_files, load_image, resize_square, to_uint8, to_unit_float
+from xa_lightning.metrics.registry import METRICS
+from xa_lightning.paths import repo_root
 
 Sampler = Callable[[list[str], list[int], Tensor | None], Tensor]
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _gather_objects(obj: Any) -> list[Any]:
@@ -58,111 +59,68 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# ---------------------------------------------------------------------------------------------- reals
 def real_statistics(
-    real_images: Any, cfg: EvaluationConfig, device: str | torch.device, progress: bool = False
+    real_images: Any, cfg: EvaluationConfig, device: str | torch.device, limit: int, progress: bool = False
 ) -> FeatureStatistics:
-    """Inception statistics of the real set, computed once (sharded over ranks, reduced)."""
-    from tqdm.auto import tqdm
+    """Inception statistics of the first ``limit`` real images, computed once (sharded over ranks, reduced).
 
+    ``real_images``: statistics, a folder or ``.npz`` path, a uint8 tensor or a list of images; None
+    reads ``eval.fid.reference_stats``.
+    """
     if isinstance(real_images, FeatureStatistics):
         return real_images
     if real_images is None:
         if cfg.fid.reference_stats:
             return FeatureStatistics.load(stats_path(cfg.fid.reference_stats))
         raise UserError(
-            "eval.metrics has fid/kid but there are no real images: the datamodule has no "
-            "real_images(n), eval.real_dir is unset and eval.fid.reference_stats is unset"
+            f"eval.metrics has {', '.join(cfg.metrics_needing(REAL_STATISTICS))} but there are no real images: "
+            "the datamodule has no real_images(n), eval.real_dir is unset and eval.fid.reference_stats is unset"
         )
-    rank, world = dist_info()
-    limit = cfg.fid.num_real_images
-    if isinstance(real_images, (str, os.PathLike)):
-        if str(real_images).endswith(".npz"):
-            return FeatureStatistics.load(real_images)
-        files = list_image_files(real_images, "eval.real_dir")[:limit]
-        mine: Any = (load_image(f) for f in files[rank::world])
-        total = len(files[rank::world])
-    elif isinstance(real_images, Tensor):
-        real_images = real_images[:limit] if limit else real_images
-        mine = real_images[rank::world]
-        total = mine.shape[0]
-    else:
-        items = list(real_images)
-        flat = [image for item in items for image in (item if item.ndim == 4 else item.unsqueeze(0))]
-        flat = flat[:limit] if limit else flat
-        mine = flat[rank::world]
-        total = len(mine)
-    metric = FrechetInceptionDistance(
-        get_inception(cfg.fid.weights_dir, device), low_rank_max_images=max(cfg.fid.low_rank_max_images, 10_000)
-    ).to(device)
-    bar = tqdm(total=total, desc="FID real statistics", unit="img", leave=False, disable=not progress or rank != 0)
-    for batch in iterate_batches(mine, max(cfg.batch_size, 16)):
-        metric.update(batch.to(device), real=True)
-        bar.update(batch.shape[0])
-    bar.close()
-    return metric.statistics(real=True)
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-def _load_clip(cfg: EvaluationConfig, device: torch.device) -> Any:
-    """The shared CLIP model when a CLIP metric is configured (warns once when it is random-init)."""
-    from xa_lightning.metrics.clip_score import get_clip
-
-    if not any(m in cfg.metrics for m in ("clip_score", "clip_image_similarity", "style_similarity")):
-        return None
-    return get_clip(
-        cfg.clip.model,
-        cfg.clip.pretrained,
-        cache_dir=cfg.clip.cache_dir,
+    if isinstance(real_images, (str, os.PathLike)) and str(real_images).endswith(".npz"):
+        return FeatureStatistics.load(real_images)
+    return compute_statistics(
+        real_images,
+        batch_size=max(cfg.batch_size, 16),
+        weights_dir=cfg.fid.weights_dir,
         device=device,
-        require_pretrained=cfg.clip.require_pretrained,
+        keep_features_up_to=max(cfg.fid.low_rank_max_images, 10_000),  # KID needs the real features
+        limit=limit,
+        progress=progress,
     )
 
 
-def _sampler_metrics(
-    cfg: EvaluationConfig,
-    device: torch.device,
-    reals: FeatureStatistics | None,
-    is_style_reference: bool,
-    wants_features: bool,
-    clip: Any,
-) -> OrderedDict[str, Any]:
-    """The metric objects for one sampler (shared models: Inception, CLIP, face embedder)."""
-    from xa_lightning.metrics.clip_score import ClipImageSimilarity, ClipScore, StyleSimilarity
-
-    metrics: OrderedDict[str, Any] = OrderedDict()
-    extractor = get_inception(cfg.fid.weights_dir, device) if wants_features else None
-    if wants_features:
-        metrics["fid"] = FrechetInceptionDistance(
-            extractor,
-            reference=reals if "fid" in cfg.metrics else None,
-            low_rank_max_images=cfg.fid.low_rank_max_images,
-        ).to(device)
+def prepare_evaluation(cfg: EvaluationConfig, datamodule: Any = None, device: str | torch.device = "cpu") -> None:
+    """Check everything an evaluation needs before anything is generated: the prompt / reference / real
+    sources the datamodule does not provide, the reference statistics file, and every metric's weights
+    and models (fetched where they may be). A problem is a one-line UserError."""
+    if not hasattr(datamodule, "eval_prompts"):
+        if not cfg.prompts_file:
+            raise UserError(
+                "eval.prompts_file is unset and the datamodule has no eval_prompts(n); set "
+                "eval.prompts_file=evaluation/prompts/demo.txt"
+            )
+        resolve_path(cfg.prompts_file, "eval.prompts_file")
+    if cfg.needs_references() and not hasattr(datamodule, "eval_references"):
+        if not cfg.references_dir:
+            raise UserError(
+                "eval.references_dir is unset and the datamodule has no eval_references(n), but "
+                f"eval.metrics has {', '.join(cfg.metrics_needing(REFERENCES))}"
+            )
+        resolve_path(cfg.references_dir, "eval.references_dir")
+    if cfg.needs_real_images() and not hasattr(datamodule, "real_images"):
+        if not cfg.real_dir:
+            raise UserError(
+                f"eval.metrics has {', '.join(cfg.metrics_needing(REAL_STATISTICS))} but there are no real "
+                "images: set eval.real_dir or eval.fid.reference_stats (the datamodule has no real_images(n))"
+            )
+        resolve_path(cfg.real_dir, "eval.real_dir")
+    if cfg.needs_real_statistics() and cfg.fid.reference_stats and not stats_path(cfg.fid.reference_stats).is_file():
+        FeatureStatistics.load(stats_path(cfg.fid.reference_stats))  # the one-line error naming the file
+    device = torch.device(device)
     for name in cfg.metrics:
-        if name == "kid":
-            metrics["kid"] = KernelInceptionDistance(
-                extractor, reference=reals, subsets=cfg.fid.kid_subsets, subset_size=cfg.fid.kid_subset_size
-            ).to(device)
-        elif name == "clip_score":
-            metrics[name] = ClipScore(clip).to(device)
-        elif name == "clip_image_similarity":
-            metrics[name] = ClipImageSimilarity(clip).to(device)
-        elif name == "style_similarity" and not is_style_reference:
-            metrics[name] = StyleSimilarity(clip).to(device)
-        elif name == "ida":
-            from xa_lightning.metrics.ida import IdentityAlignment, build_face_embedder
-
-            embedder = build_face_embedder(cfg.ida.backend, cfg.ida.model_dir, **cfg.ida.embedder_kwargs())
-            metrics[name] = IdentityAlignment(embedder, missing_face=cfg.ida.missing_face).to(device)
-        elif name == "edge_f1":
-            from xa_lightning.metrics.condition import EdgeF1
-
-            metrics[name] = EdgeF1(cfg.edge.low_threshold, cfg.edge.high_threshold, cfg.edge.radius).to(device)
-    return metrics
-
-
-def _log_name(name: str, metric: Any) -> str:
-    return getattr(metric, "log_name", name)
+        METRICS[name].prepare(cfg, device)
+    if cfg.pairs:
+        InceptionStatistics.prepare(cfg, device)
 
 
 def _check_images(images: Any, sampler: str, expected: int) -> Tensor:
@@ -172,6 +130,55 @@ def _check_images(images: Any, sampler: str, expected: int) -> Tensor:
     if images.shape[0] != expected:
         raise ValueError(f"sampler {sampler!r} returned {images.shape[0]} images for {expected} prompts")
     return images
+
+
+def _sampler_names(samplers: Mapping[str, Sampler], cfg: EvaluationConfig) -> list[str]:
+    """The samplers to run: ``eval.samplers`` (or all), plus the style reference when a metric needs it."""
+    names = list(samplers) if cfg.samplers is None else list(cfg.samplers)
+    style = [cfg.style_reference] if cfg.metrics_needing(OTHER_SAMPLER) else []
+    for name in names + [n for pair in cfg.pairs for n in pair] + style:
+        if name not in samplers:
+            raise UserError(
+                f"eval: sampler {name!r} (eval.samplers / eval.pairs / eval.style_reference) is not "
+                f"one of the method's samplers: {', '.join(samplers)}"
+            )
+    return names + [name for name in style if name not in names]
+
+
+def _check_inputs(cfg: EvaluationConfig, prompts: list[str], seeds: list[int], references: Any) -> None:
+    count = len(prompts)
+    if count == 0 or len(seeds) != count:
+        raise ValueError(f"need as many seeds as prompts (>0), got {count} prompts and {len(seeds)} seeds")
+    if references is not None and len(references) != count:
+        raise ValueError(f"{len(references)} references for {count} prompts")
+    if references is None and cfg.needs_references():
+        raise UserError(
+            f"eval.metrics has {', '.join(cfg.metrics_needing(REFERENCES))} but there are no references: the "
+            "datamodule has no eval_references(n) and eval.references_dir is unset"
+        )
+
+
+def _select(references: Tensor | Sequence[Tensor] | None, indices: list[int]) -> Tensor | None:
+    if references is None:
+        return None
+    return references[indices] if isinstance(references, Tensor) else torch.stack([references[i] for i in indices])
+
+
+def _generate(
+    samplers: Mapping[str, Sampler], names: list[str], prompts: list[str], seeds: list[int], references: Any
+) -> dict[str, Tensor]:
+    """Every sampler's uint8 images for one batch (references as float in [0, 1], the data contract's)."""
+    given = None if references is None else to_unit_float(references)
+    return {name: _check_images(samplers[name](prompts, seeds, given), name, len(prompts)).detach() for name in names}
+
+
+def _merge_ranks(per_image: dict[str, dict[int, float]], count: int) -> dict[str, list[float]]:
+    """Per-image values of all ranks, in image order (NaN where an image has none)."""
+    table: dict[str, dict[int, float]] = {}
+    for part in _gather_objects(per_image):
+        for key, values in part.items():
+            table.setdefault(key, {}).update(values)
+    return {key: [values.get(i, math.nan) for i in range(count)] for key, values in table.items()}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -192,12 +199,13 @@ def evaluate_samplers(
 
     ``references``: None or per-image references ``(N, 3, r, r)`` (uint8 or float in [0, 1]);
     ``real_images``: None, a ``FeatureStatistics``, a folder / ``.npz`` path, a uint8 ``(M, 3, H, W)``
-    tensor or a list of images (FID/KID reals; computed once, returned for reuse).
+    tensor or a list of images (FID/KID reals: the first ``eval.fid.num_real_images``, default as many
+    as prompts; computed once, returned for reuse).
 
     Returns ``{"metrics": {"<sampler>/<metric>": float, "<a>_vs_<b>/fid": float},
     "per_image": {sampler: {metric: [N floats]}}, "images": {sampler: uint8 (k, 3, H, W)},
     "prompts", "seeds", "references" (first k), "real_statistics", "untrained": [metric names],
-    "num_images"}`` where k = ``log_images``.
+    "num_images", "samplers"}`` where k = ``log_images``.
     """
     from tqdm.auto import tqdm
 
@@ -206,149 +214,61 @@ def evaluate_samplers(
     progress = cfg.progress if progress is None else progress
     keep = cfg.log_images if log_images is None else log_images
     rank, world = dist_info()
-
-    names = list(samplers) if cfg.samplers is None else cfg.samplers
-    for name in (
-        names
-        + [n for pair in cfg.pairs for n in pair]
-        + ([cfg.style_reference] if cfg.style_reference and "style_similarity" in cfg.metrics else [])
-    ):
-        if name not in samplers:
-            raise UserError(
-                f"eval: sampler {name!r} (eval.samplers / eval.pairs / eval.style_reference) is not "
-                f"one of the method's samplers: {', '.join(samplers)}"
-            )
-    if cfg.style_reference and "style_similarity" in cfg.metrics and cfg.style_reference not in names:
-        names.append(cfg.style_reference)
+    names = _sampler_names(samplers, cfg)
     prompts, seeds = [str(p) for p in prompts], [int(s) for s in seeds]
+    _check_inputs(cfg, prompts, seeds, references)
     count = len(prompts)
-    if count == 0 or len(seeds) != count:
-        raise ValueError(f"need as many seeds as prompts (>0), got {count} prompts and {len(seeds)} seeds")
-    if references is not None:
-        if len(references) != count:
-            raise ValueError(f"{len(references)} references for {count} prompts")
-    elif cfg.needs_references():
-        wanted = [m for m in cfg.metrics if m in ("clip_image_similarity", "ida", "edge_f1")]
-        raise UserError(
-            f"eval.metrics has {', '.join(wanted)} but there are no references: the datamodule has "
-            "no eval_references(n) and eval.references_dir is unset"
-        )
 
-    wants_features = "fid" in cfg.metrics or "kid" in cfg.metrics or bool(cfg.pairs)
     reals = None
-    if "fid" in cfg.metrics or "kid" in cfg.metrics:
-        reals = real_statistics(real_images, cfg, device, progress)
-    clip = _load_clip(cfg, device)
-    metrics = {
-        name: _sampler_metrics(
-            cfg,
-            device,
-            reals,
-            name == cfg.style_reference,
-            wants_features
-            and ("fid" in cfg.metrics or "kid" in cfg.metrics or any(name in pair for pair in cfg.pairs)),
-            clip,
-        )
-        for name in names
-    }
+    if cfg.needs_real_statistics():
+        reals = real_statistics(real_images, cfg, device, cfg.fid.num_real_images or count, progress)
+    metrics: dict[str, list[EvaluationMetric]] = {}
+    for name in names:
+        built = [METRICS[metric].from_config(cfg, MetricContext(name, device, reals)) for metric in cfg.metrics]
+        metrics[name] = [metric.to(device) for metric in built if metric is not None]
+    # Pairwise FID: two samplers' feature statistics against each other.
+    paired = dict.fromkeys(name for pair in cfg.pairs for name in pair)
+    statistics = {name: InceptionStatistics.from_config(cfg, MetricContext(name, device)).to(device) for name in paired}
 
-    my_indices = list(range(rank, count, world))
     per_image: dict[str, dict[str, dict[int, float]]] = {name: {} for name in names}
-    kept_images: dict[str, dict[int, Tensor]] = {name: {} for name in names}
-    batches = [my_indices[i : i + cfg.batch_size] for i in range(0, len(my_indices), cfg.batch_size)]
-    bar = tqdm(batches, desc="evaluation", unit="batch", leave=False, disable=not progress or rank != 0)
-    for batch in bar:
-        batch_prompts = [prompts[i] for i in batch]
-        batch_seeds = [seeds[i] for i in batch]
-        batch_refs = None
-        if references is not None:
-            batch_refs = (
-                torch.stack([references[i] for i in batch]) if not isinstance(references, Tensor) else references[batch]
-            )
-        refs_uint8 = to_uint8(batch_refs) if batch_refs is not None else None
-        refs_for_sampler = to_unit_float(batch_refs).to(device) if batch_refs is not None else None
-        generated: dict[str, Tensor] = {}
-        for name in names:
-            generated[name] = _check_images(
-                samplers[name](batch_prompts, batch_seeds, refs_for_sampler), name, len(batch)
-            ).detach()
-        for name in names:
-            images = generated[name]
-            scores: dict[str, Tensor] = {}
-            features = None
-            for metric_name, metric in metrics[name].items():
-                if metric_name in ("fid", "kid"):
-                    if features is None:
-                        features = metric.extract(images)
-                    metric.update_features(features)
-                elif metric_name == "clip_score":
-                    scores[metric.log_name] = metric.accumulate(metric.score(images, batch_prompts))
-                elif metric_name in ("clip_image_similarity", "edge_f1"):
-                    scored = metric.score(images, refs_uint8)
-                    metric.accumulate(scored)
-                    scores[_log_name(metric_name, metric)] = scored
-                elif metric_name == "style_similarity":
-                    scores[metric.log_name] = metric.accumulate(metric.score(images, generated[cfg.style_reference]))
-                elif metric_name == "ida":
-                    scored = metric.score(images, refs_uint8)
-                    metric.accumulate(scored)
-                    scores["ida"] = scored[0]
-                    scores["face_detected"] = scored[1].double()
-            for key, values in scores.items():
-                for index, value in zip(batch, values.tolist()):
-                    per_image[name].setdefault(key, {})[index] = float(value)
-            for position, index in enumerate(batch):
-                if index < keep:
-                    kept_images[name][index] = images[position].cpu()
-    bar.close()
+    kept: dict[str, dict[int, Tensor]] = {name: {} for name in names}
+    mine = list(range(rank, count, world))
+    batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+    for batch in tqdm(batches, desc="evaluation", unit="batch", leave=False, disable=not progress or rank != 0):
+        batch_prompts, batch_references = [prompts[i] for i in batch], _select(references, batch)
+        generated = _generate(samplers, names, batch_prompts, [seeds[i] for i in batch], batch_references)
+        references_uint8 = None if batch_references is None else to_uint8(batch_references)
+        for name, images in generated.items():
+            for metric in metrics[name]:
+                other = OTHER_SAMPLER in metric.needs
+                metric.update(images, batch_prompts, generated[cfg.style_reference] if other else references_uint8)
+                for key, values in metric.last_scores.items():
+                    per_image[name].setdefault(key, {}).update(zip(batch, values.tolist()))
+            if name in statistics:
+                statistics[name].update(images)
+            kept[name].update({index: images[position].cpu() for position, index in enumerate(batch) if index < keep})
 
     results: dict[str, float] = {}
     untrained: list[str] = []
     for name in names:
-        for metric_name, metric in metrics[name].items():
-            if metric_name == "fid" and "fid" not in cfg.metrics:
-                continue  # only kept for the pairwise FID
-            label = _log_name(metric_name, metric)
-            results[f"{name}/{label}"] = float(metric.compute())
-            if metric_name == "kid":
-                results[f"{name}/kid_std"] = float(metric.last_std)
-            if hasattr(metric, "extra_scalars"):
-                for key, value in metric.extra_scalars().items():
-                    results[f"{name}/{key}"] = float(value)
-            if hasattr(metric, "trained") and not metric.trained and label not in untrained:
-                untrained.append(label)
+        for metric in metrics[name]:
+            results.update({f"{name}/{key}": value for key, value in metric.results().items()})
+            if not metric.trained and metric.log_name not in untrained:
+                untrained.append(metric.log_name)
     for a, b in cfg.pairs:
-        stats_a, stats_b = metrics[a]["fid"].statistics(), metrics[b]["fid"].statistics()
-        results[f"{a}_vs_{b}/fid"] = frechet_distance(stats_a, stats_b, cfg.fid.low_rank_max_images)
-
-    # Per-image values and the first images: small, so every rank gets everything.
-    merged_scores: dict[str, dict[str, list[float]]] = {}
-    merged_images: dict[str, Tensor] = {}
-    for name in names:
-        parts = _gather_objects(per_image[name])
-        table: dict[str, dict[int, float]] = {}
-        for part in parts:
-            for key, values in part.items():
-                table.setdefault(key, {}).update(values)
-        merged_scores[name] = {key: [values.get(i, math.nan) for i in range(count)] for key, values in table.items()}
-        image_parts = _gather_objects(kept_images[name])
-        collected: dict[int, Tensor] = {}
-        for part in image_parts:
-            collected.update(part)
-        if collected:
-            merged_images[name] = torch.stack([collected[i] for i in sorted(collected)])
+        pair = statistics[a].statistics(), statistics[b].statistics()
+        results[f"{a}_vs_{b}/fid"] = frechet_distance(*pair, cfg.fid.low_rank_max_images)
+    # Per-image values and the first images are small: every rank gets everything.
+    images = {name: {i: image for part in _gather_objects(kept[name]) for i, image in part.items()} for name in names}
     shown = min(keep, count)
-    shown_references = None
-    if references is not None and shown:
-        first = references[:shown] if isinstance(references, Tensor) else torch.stack(list(references[:shown]))
-        shown_references = to_uint8(first).cpu()
+    shown_references = _select(references, list(range(shown))) if shown else None
     return {
         "metrics": results,
-        "per_image": merged_scores,
-        "images": merged_images,
+        "per_image": {name: _merge_ranks(per_image[name], count) for name in names},
+        "images": {name: torch.stack([found[i] for i in sorted(found)]) for name, found in images.items() if found},
         "prompts": prompts[:shown],
         "seeds": seeds[:shown],
-        "references": shown_references,
+        "references": None if shown_references is None else to_uint8(shown_references).cpu(),
         "real_statistics": reals,
         "untrained": untrained,
         "num_images": count,
@@ -372,10 +292,8 @@ def resolve_path(path: str | os.PathLike, what: str) -> Path:
     candidate = Path(path).expanduser()
     if candidate.exists():
         return candidate
-    if not candidate.is_absolute():
-        root = Path(__file__).resolve().parents[2]
-        if (root / candidate).exists():
-            return root / candidate
+    if not candidate.is_absolute() and (repo_root() / candidate).exists():
+        return repo_root() / candidate
     raise UserError(
         f"{what}: {path} does not exist; fix the path (relative paths are tried against the "
         "working directory and the checkout)"
@@ -384,8 +302,6 @@ def resolve_path(path: str | os.PathLike, what: str) -> Path:
 
 def load_references(folder: str | os.PathLike, count: int, resolution: int) -> Tensor:
     """The first ``count`` images of a folder, centre-cropped and resized, float (count, 3, r, r) in [0, 1]."""
-    from xa_lightning.metrics.images import resize_square
-
     files = list_image_files(resolve_path(folder, "eval.references_dir"), "eval.references_dir")[:count]
     images = [resize_square(load_image(f).unsqueeze(0), resolution)[0] for f in files]
     return torch.stack(images).float() / 255.0
@@ -424,7 +340,7 @@ def build_evaluation_set(cfg: EvaluationConfig, datamodule: Any = None) -> dict[
     else:
         prompts = [base_prompts[i % len(base_prompts)] for i in range(count)]
     real: Any = None
-    if ("fid" in cfg.metrics or "kid" in cfg.metrics) and not cfg.fid.reference_stats:
+    if cfg.needs_real_images():
         n_real = cfg.fid.num_real_images or count
         if datamodule is not None and hasattr(datamodule, "real_images"):
             real = datamodule.real_images(n_real)

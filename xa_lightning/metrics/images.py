@@ -1,15 +1,22 @@
-"""Image plumbing shared by the metrics: validation, conversion, folder loading.
+"""Image plumbing shared by the metrics: validation, conversion, folder loading, a worker pool.
 
 Every metric takes uint8 images ``(B, 3, H, W)`` (docs/contracts.md). Folders are read the way
 clean-fid reads them (PIL, ``convert("RGB")``, the same file extensions, recursive, sorted), so a
 metric on a folder sees exactly the pixels clean-fid would.
+
+Per-image CPU work (clean-fid's PIL resize, open_clip's PIL preprocessing, decoding files) runs on one
+process-wide thread pool: PIL releases the GIL while it decodes and resamples, so the images of a batch
+are processed in parallel, off the main thread, with PIL's exact numerics.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +27,51 @@ from xa_lightning.errors import UserError
 IMAGE_EXTENSIONS = frozenset({"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"})
 
 ImageBatches = torch.Tensor | Sequence[torch.Tensor] | Iterable[torch.Tensor]
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def worker_count() -> int:
+    """Threads of the worker pool: one per core this process may use, at most 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 16))
+
+
+def worker_pool() -> ThreadPoolExecutor:
+    """The process-wide pool for per-image CPU work (:func:`worker_count` threads)."""
+    global _POOL
+    with _POOL_LOCK:
+        # A forked child inherits the object but not its threads: it gets its own pool.
+        if _POOL is None or _POOL[0] != os.getpid():
+            _POOL = (os.getpid(), ThreadPoolExecutor(worker_count(), thread_name_prefix="xa-metrics"))
+        return _POOL[1]
+
+
+def parallel_map(function: Callable[[Item], Result], items: Sequence[Item]) -> list[Result]:
+    """``[function(item) for item in items]`` on the worker pool, in order."""
+    if len(items) <= 1:
+        return [function(item) for item in items]
+    return list(worker_pool().map(function, items))
+
+
+def map_ahead(function: Callable[[Item], Result], items: Sequence[Item], chunk: int) -> Iterator[list[Result]]:
+    """``function`` over ``items`` on the worker pool, yielded ``chunk`` results at a time.
+
+    The next chunk is already being computed while the caller works on the current one (decoding and
+    resizing overlap the network), and at most two chunks are in memory.
+    """
+    pool = worker_pool()
+    submit: Callable[[int], list[Future[Result]]] = lambda start: [
+        pool.submit(function, item) for item in items[start : start + chunk]
+    ]
+    pending = submit(0)
+    for start in range(chunk, len(items) + chunk, chunk):
+        following = submit(start) if start < len(items) else []
+        yield [future.result() for future in pending]
+        pending = following
 
 
 def check_uint8_images(images: torch.Tensor, what: str = "images") -> torch.Tensor:
@@ -66,6 +118,11 @@ def to_numpy_hwc(image: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(image.detach().cpu().permute(1, 2, 0).numpy())
 
 
+def to_numpy_nhwc(images: torch.Tensor) -> np.ndarray:
+    """A uint8 ``(B, 3, H, W)`` tensor as a contiguous uint8 ``(B, H, W, 3)`` array (each image contiguous too)."""
+    return images.detach().permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
 def iterate_batches(images: ImageBatches, batch_size: int) -> Iterator[torch.Tensor]:
     """uint8 batches from a ``(N, 3, H, W)`` tensor, or from a sequence of ``(3, H, W)`` / ``(B, 3, H, W)``.
 
@@ -103,18 +160,22 @@ def list_image_files(folder: str | os.PathLike, what: str = "folder") -> list[Pa
     return files
 
 
-def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """One image file as uint8 ``(3, H, W)`` RGB; UserError naming the file when it does not decode."""
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """One image file as a uint8 ``(H, W, 3)`` RGB array; UserError naming the file when it does not decode."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            array = np.array(image.convert("RGB"))
+            return np.array(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise UserError(
             f"{path} is not a readable image ({exc.__class__.__name__}: {exc}); remove or replace the file"
         ) from exc
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """One image file as uint8 ``(3, H, W)`` RGB; UserError naming the file when it does not decode."""
+    return torch.from_numpy(read_image(path)).permute(2, 0, 1).contiguous()
 
 
 def load_image_folder(folder: str | os.PathLike, what: str = "folder", limit: int | None = None) -> list[torch.Tensor]:
@@ -125,18 +186,22 @@ def load_image_folder(folder: str | os.PathLike, what: str = "folder", limit: in
     return [load_image(f) for f in files]
 
 
+def resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize uint8 images (bicubic, antialiased; rounded) to ``height`` x ``width``."""
+    if tuple(images.shape[-2:]) == (height, width):
+        return images
+    resized = torch.nn.functional.interpolate(
+        images.float(), size=(height, width), mode="bicubic", antialias=True, align_corners=False
+    )
+    return resized.round().clamp(0, 255).to(torch.uint8)
+
+
 def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
     """Centre-crop to square and resize (bicubic, antialiased) uint8 images to ``size``."""
     _, _, height, width = images.shape
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
-    cropped = images[:, :, top : top + side, left : left + side]
-    if side == size:
-        return cropped.contiguous()
-    resized = torch.nn.functional.interpolate(
-        cropped.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False
-    )
-    return resized.round().clamp(0, 255).to(torch.uint8)
+    return resize(images[:, :, top : top + side, left : left + side].contiguous(), size, size)
 
 
 def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
