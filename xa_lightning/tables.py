@@ -1,7 +1,9 @@
-"""xa-tables: collect the metrics of finished runs into one table (Markdown + JSON).
+"""xa-tables: finished runs as one flat listing, or as the papers' tables with their numbers beside ours.
 
-Each run directory written by xa-train holds ``metrics.json`` (the evaluation callback's final scores)
-and ``.hydra/config.yaml``. Rows are (run, sampler); columns are metrics.
+``xa-tables [DIR ...]`` lists every run's final metrics (a row per run and sampler). ``xa-tables --table
+NAME DIR ...`` fills the paper table ``evaluation/tables/NAME.yaml`` from the runs under DIR (a table
+sweep's directory, the demo's, any runs): Markdown and CSV (and a PNG for curves and plotted tables) in
+``--out`` (default ``<first DIR>/tables``), the Markdown also on stdout. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -12,18 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from xa_lightning.errors import UserError
-
-
-def run_label(run_dir: Path) -> str:
-    config = run_dir / ".hydra" / "config.yaml"
-    if config.is_file():
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.load(config)
-        name = cfg.get("run_name") or run_dir.name
-        return f"{name} (seed {cfg.get('seed')})" if cfg.get("seed") is not None else str(name)
-    return run_dir.name
+DEFAULT_DIRS = ["outputs", "multirun"]
 
 
 def rows_from_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -41,16 +32,12 @@ def rows_from_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def collect(dirs: Sequence[str]) -> list[dict[str, Any]]:
     """One row per (run, sampler) with that sampler's final metrics."""
+    from xa_lightning.reporting.runs import find_runs
+
     rows = []
-    for directory in dirs:
-        root = Path(directory)
-        if not root.exists():
-            raise UserError(f"{root} does not exist; pass run or sweep directories (outputs/..., multirun/...)")
-        for metrics_file in sorted(root.glob("**/metrics.json")):
-            content = json.loads(metrics_file.read_text())
-            label = run_label(metrics_file.parent)
-            for sampler, values in rows_from_metrics(content.get("metrics", {})).items():
-                rows.append({"run": label, "sampler": sampler, **values})
+    for record in sorted(find_runs(dirs), key=lambda r: str(r.path)):
+        for sampler, values in rows_from_metrics(record.metrics).items():
+            rows.append({"run": record.label, "sampler": sampler, **values})
     return rows
 
 
@@ -70,14 +57,51 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xa-tables", description=__doc__.splitlines()[0])
-    parser.add_argument("dirs", nargs="*", default=["outputs", "multirun"], help="run / sweep directories")
-    parser.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    parser.add_argument("dirs", nargs="*", default=DEFAULT_DIRS, help="run / sweep directories")
+    parser.add_argument(
+        "--table",
+        action="append",
+        default=None,
+        help="a paper table of evaluation/tables/ (repeatable; 'all' for every table)",
+    )
+    parser.add_argument(
+        "--scale",
+        choices=("auto", "paper", "tiny"),
+        default="auto",
+        help="which runs fill the table: paper (real weights), tiny (tiny models), auto (paper when present)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="without --table: also write the listing to this file; with --table: the output directory",
+    )
     return parser
+
+
+def build_tables(
+    names: Sequence[str], dirs: Sequence[str | Path], out_dir: str | Path, scale: str = "auto"
+) -> list[dict[str, Any]]:
+    """Render each named table from the runs under ``dirs`` into ``out_dir``; one summary per table."""
+    from xa_lightning.reporting.build import render
+    from xa_lightning.reporting.runs import find_runs
+    from xa_lightning.reporting.schema import load_table, table_names
+
+    tables = [load_table(name) for name in (table_names() if "all" in names else names)]
+    records = find_runs(dirs)
+    return [render(table, records, dirs, out_dir, scale) for table in tables]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(argv or []))
-    rows = collect([d for d in args.dirs if Path(d).exists()] if args.dirs == ["outputs", "multirun"] else args.dirs)
+    dirs = [d for d in args.dirs if Path(d).exists()] if args.dirs == DEFAULT_DIRS else args.dirs
+    if args.table:
+        out = args.out or str(Path(dirs[0] if dirs else ".") / "tables")
+        summaries = build_tables(args.table, dirs, out, args.scale)
+        for summary in summaries:
+            print(summary.pop("text"))
+        print(json.dumps({"tables": summaries}))
+        return 0
+    rows = collect(dirs)
     table = markdown(rows)
     print(table)
     if args.out:

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.wandb_offline import read_offline_run
 from xa_lightning.callbacks import EvaluationCallback
 from xa_lightning.errors import UserError
+from xa_lightning.reporting.wandb_offline import read_offline_run
 
 from .tiny_method import EvalDataModule, TinyTextAdapterModule, loader
 

@@ -47,7 +47,7 @@ def test_training_run_writes_metrics_logs_checkpoint_and_adapter(sun_run):
     assert ckpt["xa"]["method"] == "sun" and ckpt["xa"]["config"]["run_name"] == "demo_sun"
     assert (sun_run / "adapter" / "diffusion_pytorch_model.safetensors").is_file()
 
-    from tests.wandb_offline import read_offline_run
+    from xa_lightning.reporting.wandb_offline import read_offline_run
 
     offline = sorted((sun_run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1

@@ -2,19 +2,71 @@
 
 Each logger gets what it can show: TensorBoard ``add_image``, W&B ``Image`` and ``Table``, and for
 loggers without image support (CSV, ...) a PNG written into the logger's run directory.
+
+:class:`WandbLogger` (``conf/logger/wandb.yaml``) makes a W&B run a dashboard: tagged with the paper
+table and run it belongs to, evaluation curves against Sample Count, every image captioned.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from torch import Tensor
 
 from xa_lightning.metrics.images import make_grid, resize_square, save_png, to_numpy_hwc
+
+SAMPLES_SEEN = "train/samples_seen"  # logged by every method's training step: the papers' Sample Count
+
+
+def table_tags(table: Mapping[str, Any] | None) -> list[str]:
+    """W&B tags of a job of ``xa-train -m +table=<name>``: its table, run(s) and scale."""
+    if not table:
+        return []
+    tags = [f"table:{table['name']}"] if table.get("name") else []
+    tags += [f"run:{run}" for run in table.get("runs") or [table.get("run")] if run]
+    if table.get("scale") == "tiny":
+        tags.append("tiny")
+    return tags
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's W&B logger as a dashboard.
+
+    * ``table``: the job's ``table`` config node (``+table=<name>`` sweeps) adds the tags
+      ``table:<name>``, ``run:<run>`` (and ``tiny``) to ``tags``; runs are grouped by sweep (``group``,
+      set by ``xa-train``).
+    * Evaluation metrics (``eval/*``) are plotted against ``train/samples_seen`` (``define_metric``;
+      each evaluation row takes the latest Sample Count), training metrics against the step.
+
+    Everything else is Lightning's ``WandbLogger`` (offline unless ``WANDB_MODE=online``).
+    """
+
+    def __init__(self, *args: Any, table: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        from xa_lightning.config import to_plain
+
+        table = to_plain(table)
+        tags = [*(to_plain(kwargs.pop("tags", None)) or []), *table_tags(table)]
+        super().__init__(*args, tags=list(dict.fromkeys(tags)) or None, **kwargs)
+        self._dashboard_defined = False
+
+    @property
+    def experiment(self) -> Any:
+        run = super().experiment
+        if not self._dashboard_defined and callable(getattr(run, "define_metric", None)):
+            run.define_metric(SAMPLES_SEEN)
+            run.define_metric("eval/*", step_metric=SAMPLES_SEEN, step_sync=True)
+            self._dashboard_defined = True
+        return run
+
+
+def image_caption(sampler: str, prompt: str, seed: int) -> str:
+    return f"{sampler} | {prompt} | seed {seed}"
 
 
 def comparison_grid(rows: Sequence[Tensor]) -> Tensor:
@@ -29,22 +81,6 @@ def comparison_grid(rows: Sequence[Tensor]) -> Tensor:
             images = torch.cat([images, pad])
         cells.append(images)
     return make_grid(torch.cat(cells), columns=columns)
-
-
-def _wandb_logger_type() -> type | None:
-    try:
-        from lightning.pytorch.loggers import WandbLogger
-    except ImportError:  # pragma: no cover
-        return None
-    return WandbLogger
-
-
-def _tensorboard_logger_type() -> type | None:
-    try:
-        from lightning.pytorch.loggers import TensorBoardLogger
-    except ImportError:  # pragma: no cover
-        return None
-    return TensorBoardLogger
 
 
 def logger_dir(logger: Any) -> Path | None:
@@ -70,12 +106,11 @@ def log_grid(
     loggers: Sequence[Any], grid: Tensor, key: str, step: int, caption: str, fallback_dir: Path | None
 ) -> list[Path]:
     """Log the grid to each logger; returns the PNG files written for loggers without images."""
-    wandb_type, tensorboard_type = _wandb_logger_type(), _tensorboard_logger_type()
     written: list[Path] = []
     for logger in loggers:
-        if wandb_type is not None and isinstance(logger, wandb_type):
+        if isinstance(logger, LightningWandbLogger):
             logger.log_image(key=key, images=[to_numpy_hwc(grid)], step=step, caption=[caption])
-        elif tensorboard_type is not None and isinstance(logger, tensorboard_type):
+        elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, grid, global_step=step)
         else:
             folder = logger_dir(logger) or fallback_dir
@@ -89,9 +124,10 @@ def log_grid(
 
 
 def log_wandb_table(loggers: Sequence[Any], result: dict[str, Any], key: str, step: int) -> bool:
-    """A W&B table: prompt, seed, reference, and per sampler its image and per-image scores."""
-    wandb_type = _wandb_logger_type()
-    targets = [lg for lg in loggers if wandb_type is not None and isinstance(lg, wandb_type)]
+    """W&B: a table of prompt x sampler (prompt, seed, reference, and per sampler its image and per-image
+    scores), and each sampler's images as ``eval/images/<sampler>``, every image captioned with its
+    sampler, prompt and seed. False when no W&B logger is attached."""
+    targets = [lg for lg in loggers if isinstance(lg, LightningWandbLogger)]
     if not targets:
         return False
     import wandb
@@ -107,14 +143,23 @@ def log_wandb_table(loggers: Sequence[Any], result: dict[str, Any], key: str, st
     for index in range(len(prompts)):
         row: list[Any] = [index, prompts[index], seeds[index]]
         if references is not None:
-            row.append(wandb.Image(to_numpy_hwc(references[index])))
+            row.append(wandb.Image(to_numpy_hwc(references[index]), caption=f"reference | seed {seeds[index]}"))
         for sampler in samplers:
             images = result["images"][sampler]
-            row.append(wandb.Image(to_numpy_hwc(images[index])) if index < images.shape[0] else None)
+            caption = image_caption(sampler, prompts[index], seeds[index])
+            row.append(wandb.Image(to_numpy_hwc(images[index]), caption=caption) if index < images.shape[0] else None)
             for score_key in score_keys[sampler]:
                 value = result["per_image"][sampler][score_key][index]
                 row.append(None if value is None or (isinstance(value, float) and math.isnan(value)) else value)
         rows.append(row)
     for logger in targets:
         logger.log_table(key=key, columns=columns, data=rows, step=step)
+        for sampler in samplers:
+            images = result["images"][sampler][: len(prompts)]
+            logger.log_image(
+                key=f"eval/images/{sampler}",
+                images=[to_numpy_hwc(image) for image in images],
+                caption=[image_caption(sampler, prompts[i], seeds[i]) for i in range(images.shape[0])],
+                step=step,
+            )
     return True

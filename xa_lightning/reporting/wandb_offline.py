@@ -1,4 +1,5 @@
-"""Read an offline W&B run back from its ``.wandb`` file (to check that offline mode loses nothing).
+"""Read an offline W&B run back from its ``.wandb`` file: ``xa-tables`` takes a run's metrics from it when
+there is no ``metrics.json``, and the tests check with it that offline mode loses nothing.
 
 The file is a LevelDB-style log (what ``wandb sync`` uploads): a 7-byte header (``:W&B``, magic,
 version), then 32 KiB blocks of records, each with a 7-byte header (CRC32C, length, type: full /
@@ -58,7 +59,8 @@ def _set_nested(target: dict[str, Any], item: Any) -> None:
 
 
 def read_offline_run(path: str | Path) -> dict[str, Any]:
-    """``{"run_id", "config", "history": [row dicts], "summary"}`` of an offline run.
+    """``{"run_id", "name", "group", "tags", "config", "history": [row dicts], "summary", "step_metrics"}``
+    of an offline run; ``step_metrics`` maps a ``define_metric`` name or glob to its x-axis metric.
 
     ``path``: the run directory (``.../wandb/offline-run-*``) or its ``.wandb`` file.
     """
@@ -70,13 +72,25 @@ def read_offline_run(path: str | Path) -> dict[str, Any]:
         if not files:
             raise FileNotFoundError(f"no .wandb file in {path}")
         path = files[0]
-    result: dict[str, Any] = {"run_id": None, "config": {}, "history": [], "summary": {}}
+    result: dict[str, Any] = {
+        "run_id": None,
+        "name": None,
+        "group": None,
+        "tags": [],
+        "config": {},
+        "history": [],
+        "summary": {},
+        "step_metrics": {},
+    }
     for raw in _records(path.read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
         if kind == "run":
             result["run_id"] = record.run.run_id
+            result["name"] = record.run.display_name or None
+            result["group"] = record.run.run_group or None
+            result["tags"] = list(record.run.tags)
             for item in record.run.config.update:
                 _set_nested(result["config"], item)
         elif kind == "config":
@@ -90,4 +104,6 @@ def read_offline_run(path: str | Path) -> dict[str, Any]:
         elif kind == "summary":
             for item in record.summary.update:
                 _set_nested(result["summary"], item)
+        elif kind == "metric" and record.metric.step_metric:
+            result["step_metrics"][record.metric.name or record.metric.glob_name] = record.metric.step_metric
     return result
