@@ -215,7 +215,7 @@ def test_adapter_for_another_architecture_is_refused(backbone, unet):
 
 def test_gradients_reach_only_the_adapter(backbone, unet):
     latents, positive, negative = _inputs(backbone)
-    adapter = SUNAdapter.from_unet(unet, use_positive_branch=True)
+    adapter = SUNAdapter.from_unet(unet, use_positive_branch=True, alpha_init=1.0)  # the paper's start
     adapter.install(unet)
     out = unet(latents, 500, encoder_hidden_states=concat_negative(positive, negative)).sample
     out.pow(2).mean().backward()
@@ -236,3 +236,17 @@ def test_save_and_load_pretrained(tmp_path, backbone, unet):
     assert loaded.config.use_positive_branch and list(loaded.config.layer_names) == list(adapter.config.layer_names)
     loaded.install(unet)
     torch.testing.assert_close(_run(unet, latents, concat_negative(positive, negative)), expected)
+
+
+def test_the_default_start_is_the_frozen_model_and_training_can_leave_it(backbone, unet):
+    """alpha_init 0 (the default): every layer outputs Zp exactly, so the student starts as the frozen model;
+    alpha and beta receive gradients, so the first step moves it (the projections follow once alpha != 0)."""
+    latents, positive, negative = _inputs(backbone)
+    frozen = _run(unet, latents, positive)
+    adapter = SUNAdapter.from_unet(unet, use_positive_branch=True)
+    adapter.install(unet)
+    states = concat_negative(positive, negative)
+    assert torch.equal(_run(unet, latents, states), frozen)
+    unet(latents, 500, encoder_hidden_states=states).sample.pow(2).mean().backward()
+    for kind in ("neg_alpha", "neg_beta", "pos_alpha", "pos_beta"):
+        assert any(p.grad.abs().sum() > 0 for n, p in adapter.named_parameters() if kind in n), kind

@@ -42,7 +42,8 @@ def test_every_sun_experiment_composes_and_builds_on_the_tiny_backbone(tmp_path)
         built.append(method)
         assert cfg.method._target_ == "xa_lightning.methods.sun.SUNModule"
         assert cfg.method.backbone.family == "sd15" and cfg.eval.pairs[0] == ["sun", "teacher"]
-        if experiment == "sun/official_weights":
+        if cfg.method.adapter.require_init_weights:  # evaluation experiments: given weights or a clear error
+            assert cfg.train is False
             with pytest.raises(Exception) as error:  # Hydra wraps constructor errors in InstantiationException
                 instantiate(cfg.method)
             cause = error.value if isinstance(error.value, UserError) else error.value.__cause__
@@ -54,12 +55,10 @@ def test_every_sun_experiment_composes_and_builds_on_the_tiny_backbone(tmp_path)
 
             official = official_state_dict(build_backbone("sd15", "tiny").denoiser, add_pos=True)
             save_file(official, str(tmp_path / "sun_adapter.safetensors"))
-            cfg = _compose(
-                experiment,
-                tmp_path,
-                "backbone=sd15_tiny",
-                f"method.adapter.init_weights={tmp_path / 'sun_adapter.safetensors'}",
-            )
+            given = [f"method.adapter.init_weights={tmp_path / 'sun_adapter.safetensors'}"]
+            if "finetuned" in cfg.method.sampling.plugin_unets:
+                given.append(f"method.sampling.plugin_unets.finetuned={tmp_path / 'finetune'}")
+            cfg = _compose(experiment, tmp_path, "backbone=sd15_tiny", *given)
             module = instantiate(cfg.method)
             assert module.adapter.config.use_positive_branch
             assert torch.equal(module.adapter.layers[1].to_v_neg.weight, official["3.to_v_neg.weight"])
@@ -172,3 +171,105 @@ def test_bad_settings_fail_before_loading_the_backbone(kwargs, match, monkeypatc
     }
     with pytest.raises(UserError, match=match):
         SUNModule(**kwargs)
+
+
+def test_by_default_the_student_starts_as_the_frozen_model(tmp_path):
+    """alpha_init 0 (conf/method/sun.yaml and SUNAdapterOptions): at step 0 the UNet with SUN is the frozen
+    UNet bit for bit, whatever the negative prompt."""
+    cfg = _compose("demo/sun", tmp_path)
+    assert cfg.method.adapter.alpha_init == 0.0
+    module = instantiate(cfg.method)
+    unet = module.backbone.denoiser
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = module.encode_prompts(["a red bicycle", "a snowy mountain"])
+    states = torch.cat([prompts, module.encode_negatives(["blurry", "low quality, watermark"])], dim=1)
+    with torch.no_grad():
+        student = module.student(latents, 999, states)
+        with module.adapter.disabled():
+            frozen = unet(latents, 999, encoder_hidden_states=prompts).sample
+    assert torch.equal(student, frozen)
+
+
+def test_lcm_lora_baseline_sampler_and_plugin_free_training(tmp_path):
+    from xa_lightning.plugins import tiny_lora_state_dict
+
+    cfg = _compose("demo/sun", tmp_path)
+    module = instantiate(cfg.method)
+    unet = module.backbone.denoiser
+    save_file(tiny_lora_state_dict(unet, seed=7), str(tmp_path / "lcm_lora.safetensors"))
+    module.sampling.lcm_lora = str(tmp_path / "lcm_lora.safetensors")
+    samplers = module.evaluation_samplers()
+    assert list(samplers) == ["sun", "teacher", "lcm_lora"]
+    prompts, seeds = ["a lighthouse", "a tiger"], [0, 1]
+    sun = samplers["sun"](prompts, seeds, None)
+    batch = _batches(1)[0]
+    torch.manual_seed(0)
+    loss = module.compute_loss(batch)[0]
+    batches = []
+    hook = unet.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    lcm = samplers["lcm_lora"](prompts, seeds, None)
+    hook.remove()
+    assert batches == [2] * 4 and lcm.shape == sun.shape  # 4 LCM steps, no CFG
+    assert not torch.equal(lcm, sun)
+    # after the baseline the LoRA is off again: SUN's images and the training loss are as before
+    assert torch.equal(samplers["sun"](prompts, seeds, None), sun)
+    torch.manual_seed(0)
+    assert torch.equal(module.compute_loss(batch)[0], loss)
+    assert not any(p.requires_grad for p in module.backbone.parameters())
+
+
+def test_steps_sweep_and_transfer_experiments(tmp_path):
+    text = (REPO / "experiments" / "sun" / "steps.yaml").read_text()
+    assert "method.sampling.steps: 1,2,4,8" in text
+    cfg = _compose("sun/steps", tmp_path)
+    assert cfg.train is False and cfg.method.adapter.require_init_weights
+    assert cfg.method.teacher.num_steps == 25 and cfg.eval.pairs == [["sun", "teacher"]]
+    transfer = _compose("sun/transfer_finetuned", tmp_path, "backbone=sd15_tiny")
+    assert transfer.train is False and "finetuned" in transfer.method.sampling.plugin_unets
+    with pytest.raises(UserError, match="plugin_unets.finetuned is not set"):
+        from xa_lightning.methods.sun import SamplingOptions
+
+        SamplingOptions(plugin_unets={"finetuned": None})
+
+
+def test_a_single_file_finetune_is_a_user_error(tmp_path):
+    cfg = _compose("demo/sun", tmp_path)
+    module = instantiate(cfg.method)
+    (tmp_path / "dreamshaper.safetensors").write_bytes(b"")
+    module.sampling.plugin_unets = {"dreamshaper": str(tmp_path / "dreamshaper.safetensors")}
+    with pytest.raises(UserError, match="single-file checkpoint; convert it to the diffusers layout"):
+        module.plugin_unet("dreamshaper")
+
+
+@pytest.mark.parametrize("experiment", ["demo/sun", "demo/x_adapter"])
+def test_each_ddp_rank_draws_its_own_training_randomness_reproducibly(tmp_path, monkeypatch, experiment):
+    """train.build seeds seed + global rank after building: identical models on every rank, different noise /
+    timesteps / negative prompts per rank, and the same draws again for the same rank."""
+    from xa_lightning.train import build
+
+    def build_as(rank: int):
+        for key, value in {"LOCAL_RANK": rank, "NODE_RANK": 0, "WORLD_SIZE": 2}.items():
+            monkeypatch.setenv(key, str(value))
+        cfg = _compose(
+            experiment,
+            tmp_path,
+            f"paths.data_dir={tmp_path / 'data'}",
+            "callbacks=none",
+            "logger=none",
+            "trainer.devices=2",
+            "+trainer.strategy=ddp",
+        )
+        trainer, model, _ = build(cfg)
+        assert trainer.global_rank == rank
+        draws = {"noise": torch.randn(8)}
+        if hasattr(model, "negative_prompts"):
+            draws["negatives"] = model.negative_prompts.sample(8)
+        return {k: v.clone() for k, v in model.adapter.state_dict().items()}, draws
+
+    weights0, draws0 = build_as(0)
+    weights1, draws1 = build_as(1)
+    _, again0 = build_as(0)
+    assert weights0.keys() == weights1.keys() and all(torch.equal(weights0[k], weights1[k]) for k in weights0)
+    assert not torch.equal(draws0["noise"], draws1["noise"]) and torch.equal(draws0["noise"], again0["noise"])
+    if "negatives" in draws0:
+        assert draws0["negatives"] != draws1["negatives"] and draws0["negatives"] == again0["negatives"]

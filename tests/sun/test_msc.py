@@ -12,8 +12,8 @@ from xa_lightning.methods.sun.msc import _noise_coefficient
 from .conftest import text_states
 
 
-def _setup(backbone, unet, objective="msc", **config):
-    adapter = SUNAdapter.from_unet(unet)
+def _setup(backbone, unet, objective="msc", alpha_init=0.0, **config):
+    adapter = SUNAdapter.from_unet(unet, alpha_init=alpha_init)
     adapter.install(unet)
     teacher = CFGTeacher(unet, backbone.scheduler_config, adapter, num_steps=25, guidance_scale=5.0)
     config.setdefault("teacher_substeps", 1)
@@ -64,7 +64,7 @@ def test_msc_calls_student_once_and_teacher_substeps_per_student_step(backbone, 
 def test_loss_falls_on_a_fixed_batch_and_only_sun_gets_gradients(backbone, unet, objective):
     adapter, teacher, distillation, student = _setup(backbone, unet, objective=objective, space="eps")
     latents, positive, negative, scales = _batch(backbone)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=3e-2)  # from the identity start (alpha 0)
     losses = []
     for step in range(5):
         loss, _ = distillation(student, latents, positive, negative, scales, torch.Generator().manual_seed(0))
@@ -125,3 +125,46 @@ def test_eps_space_weight_is_the_solver_noise_coefficient(backbone):
 def test_bad_options_are_user_errors(bad):
     with pytest.raises(UserError, match="method.distillation"):
         DistillationConfig(**bad)
+
+
+def _gradients(adapter) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in adapter.parameters()])
+
+
+@pytest.mark.parametrize("detach_history", [True, False])
+def test_checkpointed_student_steps_give_the_single_backward_gradients(backbone, unet, detach_history):
+    """Recomputing each student step in backward (one step's activations alive) changes no gradient."""
+    adapter, teacher, distillation, student = _setup(
+        backbone, unet, space="eps", detach_history=detach_history, alpha_init=1.0
+    )
+    latents, positive, negative, scales = _batch(backbone)
+    results = {}
+    for checkpointed in (False, True):
+        distillation.config.checkpoint_student = checkpointed
+        adapter.zero_grad(set_to_none=True)
+        calls: list[bool] = []
+        hook = unet.register_forward_pre_hook(lambda m, args, calls=calls: calls.append(torch.is_grad_enabled()))
+        loss, _ = distillation(student, latents, positive, negative, scales, torch.Generator().manual_seed(0))
+        loss.backward()
+        hook.remove()
+        results[checkpointed] = (loss.detach(), _gradients(adapter), calls.count(True))
+    assert torch.equal(results[False][0], results[True][0])
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=0, atol=0)
+    assert results[False][1].abs().sum() > 0
+    assert results[False][2] == 4 and results[True][2] == 8  # each student step recomputed once in backward
+
+
+def test_weighted_objective_is_cfg_distillation_plus_lambda_msc(backbone, unet):
+    losses = {}
+    for objective in ("cfg_eps", "msc", "weighted"):
+        _, _, distillation, student = _setup(backbone, unet, objective=objective, msc_weight=0.3)
+        latents, positive, negative, scales = _batch(backbone)
+        with torch.no_grad():
+            losses[objective] = distillation(
+                student, latents, positive, negative, scales, torch.Generator().manual_seed(5)
+            )
+    weighted, logs = losses["weighted"]
+    torch.testing.assert_close(weighted, losses["cfg_eps"][0] + 0.3 * losses["msc"][0], rtol=1e-6, atol=0)
+    assert {"cfg_eps", "msc", "msc_step0"} <= set(logs)
+    with pytest.raises(UserError, match="msc_weight"):
+        DistillationConfig(objective="weighted", msc_weight=-1.0)

@@ -189,3 +189,39 @@ def test_from_pretrained_local_dirs(tmp_path, backbone, unet):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="config.json"):
         SUNPipeline.from_pretrained(tmp_path / "base", tmp_path / "empty")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("adapter_device, unet_device", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_adapter_on_another_device_than_the_embeddings(backbone, unet, adapter_device, unet_device):
+    """The processor moves the states to the adapter's weights (device and dtype) and the result back: the same
+    prediction as with everything on one device."""
+    adapter = random_adapter(unet, use_positive_branch=True)
+    adapter.install(unet)
+    positive, negative = text_states(backbone, PROMPTS, ["blurry", "ugly"])
+    states = concat_negative(positive, negative)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = unet(latents, 500, encoder_hidden_states=states).sample
+        unet.to(unet_device)
+        adapter.to(adapter_device)
+        try:
+            moved = unet(latents.to(unet_device), 500, encoder_hidden_states=states.to(unet_device)).sample
+        finally:
+            unet.to("cpu")
+            adapter.to("cpu")
+    torch.testing.assert_close(moved.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_cpu_offload(backbone, other_unet):
+    """With enable_model_cpu_offload the UNet waits on the CPU and runs on the GPU: SUN goes where it runs."""
+    unet = copy.deepcopy(other_unet)
+    pipe = SUNPipeline(StableDiffusionPipeline(**_components(backbone, unet)), random_adapter(unet))
+    reference = _run(pipe)
+    offloaded = SUNPipeline(StableDiffusionPipeline(**_components(copy.deepcopy(backbone), unet)), pipe.adapter)
+    offloaded.pipe.enable_model_cpu_offload()
+    torch.testing.assert_close(_run(offloaded).cpu(), reference, rtol=1e-3, atol=1e-3)
+    assert next(offloaded.adapter.parameters()).device.type == "cuda"

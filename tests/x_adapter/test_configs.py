@@ -75,3 +75,27 @@ def test_demo_experiment_trains_a_step_on_the_demo_data(tmp_path, monkeypatch):
     assert seen["pixels"][1:] == (3, 64, 64) and seen["pixels_128"][1:] == (3, 128, 128)
     assert any(not torch.equal(before[k], v) for k, v in model.adapter.state_dict().items())
     assert Path(tmp_path / "data" / "demo" / "laion").is_dir()
+
+
+def test_the_new_comparisons_compose_with_their_plugins_and_protocols():
+    compose_one = lambda name: compose("train", [f"experiment=x_adapter/{name}"])
+    t2i = compose_one("compare_t2i_adapter")
+    assert (t2i.method.plugin.kind, t2i.method.plugin.path) == ("t2i_adapter", "TencentARC/t2iadapter_canny_sd15v2")
+    assert "edge_f1" in t2i.eval.metrics and t2i.train is False
+    remix = compose_one("remix")
+    assert remix.method.plugin.kind == "lora" and remix.method.plugin.upgraded_lora.endswith(".safetensors")
+    depth = compose_one("compare_controlnet_depth")
+    assert "depth_rmse" in depth.eval.metrics
+    sd21 = compose_one("sd21_to_sdxl")
+    assert sd21.method.base_backbone.path == "stabilityai/stable-diffusion-2-1" and sd21.data.resolution == 768
+    assert sd21.method.base_backbone.family == "sd15" and list(sd21.data.extra_resolutions) == [1024]
+    ip = compose_one("compare_ip_adapter")
+    assert (ip.method.plugin.kind, ip.data._target_.rsplit(".", 1)[-1]) == ("ip_adapter", "CelebAMaskHQDataModule")
+    assert list(ip.eval.metrics) == ["ida", "clip_image_similarity"] and ip.eval.ida.missing_face == "zero"
+    assert ip.eval.num_images == 400 and ip.eval.images_per_reference == 4 and ip.train is False
+    # the paper's training recipe: 300k LAION high-resolution images, batch 8, 2 epochs
+    paper = compose_one("sd15_to_sdxl")
+    assert paper.data.epoch_samples == 300_000 and paper.data.batch_size == 8 and paper.trainer.max_steps == 75_000
+    assert paper.data.filters.min_side == 1024 and paper.data.upscale_small is False
+    for cfg in (t2i, remix, depth, sd21, ip, paper):
+        validate(cfg)

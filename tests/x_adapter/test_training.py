@@ -277,18 +277,18 @@ def test_evaluation_samplers_and_plugin_free_training(fresh_base, upgraded_backb
             stage.zero_out.weight.fill_(0.01)
     before = loss_at(module, batch, seed=3)
     samplers = module.evaluation_samplers()
-    assert list(samplers) == ["x_adapter", "upgraded", "base"]
+    assert list(samplers) == ["x_adapter", "upgraded", "base", "sdedit"]
     prompts, seeds = ["a red fox", "a blue house"], [1, 2]
     images = {name: sampler(prompts, seeds, None) for name, sampler in samplers.items()}
-    assert images["x_adapter"].shape == images["upgraded"].shape == (2, 3, 128, 128)
+    assert images["x_adapter"].shape == images["upgraded"].shape == images["sdedit"].shape == (2, 3, 128, 128)
     assert images["base"].shape == (2, 3, 64, 64)
     assert all(image.dtype == torch.uint8 for image in images.values())
     assert torch.equal(samplers["base"](prompts[:1], seeds[:1], None), images["base"][:1])  # per-seed determinism
     # the LoRA is on only while sampling: training stays plugin-free
     assert torch.equal(loss_at(module, batch, seed=3), before)
-    module._lora_active(True)
-    assert not torch.equal(loss_at(module, batch, seed=3), before)
-    module._lora_active(False)
+    with module.plugins_active():
+        assert not torch.equal(loss_at(module, batch, seed=3), before)
+    assert torch.equal(loss_at(module, batch, seed=3), before)
 
 
 def test_controlnet_tile_plugin_takes_the_evaluation_references(base_backbone, upgraded_backbone, batch):

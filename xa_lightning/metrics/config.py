@@ -17,6 +17,7 @@ from typing import Any
 from xa_lightning.config import coerce_options, to_plain
 from xa_lightning.errors import UserError
 from xa_lightning.metrics.base import OTHER_SAMPLER, REAL_STATISTICS, REFERENCES
+from xa_lightning.metrics.depth import DepthConfig
 from xa_lightning.metrics.registry import METRICS
 
 _plain = to_plain  # instantiate may pass DictConfig / ListConfig
@@ -131,10 +132,10 @@ class EvaluationConfig:
     """
 
     metrics: list[str] = field(default_factory=lambda: ["fid", "clip_score"])
-    num_images: int = 16
-    batch_size: int = 4
+    num_images: int = 64
+    batch_size: int = 8
     seed: int = 1234
-    every_n_steps: int = 0
+    every_n_steps: int = 1000
     at_end: bool = True
     log_images: int = 8
     images_per_reference: int = 1
@@ -151,6 +152,7 @@ class EvaluationConfig:
     clip: CLIPConfig | Mapping | None = None
     ida: IDAConfig | Mapping | None = None
     edge: EdgeConfig | Mapping | None = None
+    depth: DepthConfig | Mapping | None = None
 
     def __post_init__(self) -> None:
         self.metrics = [str(m) for m in (_plain(self.metrics) or [])]
@@ -179,6 +181,7 @@ class EvaluationConfig:
         self.clip = coerce_options(self.clip, CLIPConfig, "eval.clip")
         self.ida = coerce_options(self.ida, IDAConfig, "eval.ida")
         self.edge = coerce_options(self.edge, EdgeConfig, "eval.edge")
+        self.depth = coerce_options(self.depth, DepthConfig, "eval.depth")
 
     @classmethod
     def coerce(cls, value: EvaluationConfig | Mapping | None) -> EvaluationConfig:

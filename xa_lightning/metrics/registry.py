@@ -10,6 +10,7 @@ from __future__ import annotations
 from xa_lightning.metrics.base import EvaluationMetric
 from xa_lightning.metrics.clip_score import ClipImageSimilarity, ClipScore, StyleSimilarity
 from xa_lightning.metrics.condition import EdgeF1
+from xa_lightning.metrics.depth import DepthRMSE
 from xa_lightning.metrics.fid import FrechetInceptionDistance
 from xa_lightning.metrics.ida import IdentityAlignment
 from xa_lightning.metrics.kid import KernelInceptionDistance
@@ -24,5 +25,6 @@ METRICS: dict[str, type[EvaluationMetric]] = {
         IdentityAlignment,
         EdgeF1,
         StyleSimilarity,
+        DepthRMSE,
     )
 }

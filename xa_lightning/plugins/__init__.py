@@ -3,6 +3,7 @@
 - :mod:`.controlnet`: ControlNet residuals for a diffusers UNet, canny control maps, a tiny ControlNet.
 - :mod:`.t2i_adapter`: T2I-Adapter features, a tiny T2I-Adapter.
 - :mod:`.lora`: LoRA in diffusers / peft / kohya layouts, loaded through diffusers' own loader.
+- :mod:`.ip_adapter`: IP-Adapter files, loaded into a UNet through diffusers' own loader; its image encoder.
 - :func:`build_plugin`: a plugin by kind, loaded from a hub id / local path or built tiny from the UNet.
 
 Everything works on plain diffusers models and pipelines; weight files are read through
@@ -28,7 +29,7 @@ from xa_lightning.plugins.lora import (
 )
 from xa_lightning.plugins.t2i_adapter import t2i_adapter_residuals, tiny_t2i_adapter
 
-PLUGIN_KINDS = ("none", "controlnet", "t2i_adapter", "lora")
+PLUGIN_KINDS = ("none", "controlnet", "t2i_adapter", "lora", "ip_adapter")
 
 
 def merge_unet_kwargs(*kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -48,15 +49,27 @@ def build_plugin(
     path: str | None = None,
     seed: int = 0,
     local_files_only: bool | None = None,
+    image_encoder: Any = None,
 ) -> Any:
-    """A base-model plugin: loaded from ``path`` (hub id or local dir) or, without a path, built tiny.
+    """A base-model plugin: loaded from ``path`` (hub id or local dir / file) or, without a path, built tiny.
 
-    Returns the model (ControlNet / T2I-Adapter), a diffusers-layout LoRA state dict, or ``None``.
+    Returns the model (ControlNet / T2I-Adapter), a diffusers-layout LoRA state dict, an IP-Adapter in its
+    published layout (``IPAdapterLayout``; a tiny one is shaped for ``image_encoder``, default the tiny CLIP
+    vision encoder), or ``None``.
     """
     if kind not in PLUGIN_KINDS:
         raise UserError(f"plugin kind {kind!r} is not one of {PLUGIN_KINDS}")
     if kind == "none":
         return None
+    if kind == "ip_adapter":
+        from xa_lightning.plugins import ip_adapter
+
+        if path is None:
+            encoder = image_encoder if image_encoder is not None else ip_adapter.tiny_image_encoder(seed)
+            return ip_adapter.random_ip_adapter(unet, encoder, seed=seed).to_layout()
+        layout = ip_adapter.read_ip_adapter(path, key="method.plugin.path")
+        ip_adapter.check_fits_unet(layout, unet, key=f"method.plugin.path={path}")
+        return layout
     if path is None:
         if kind == "controlnet":
             return tiny_controlnet(unet, vae_scale_factor, seed)

@@ -33,7 +33,7 @@ class SUNLayer(nn.Module):
         inner_dim: int,
         cross_attention_dim: int,
         use_positive_branch: bool,
-        alpha_init: float = 1.0,
+        alpha_init: float = 0.0,
         beta_init: float = 0.0,
     ) -> None:
         super().__init__()
@@ -75,7 +75,8 @@ class SUNAdapter(ModelMixin, ConfigMixin):
         use_positive_branch: add the extra positive branch (``to_k_pos`` / ``to_v_pos``).
         norm_scope: ``"sample"`` (one norm per sample) or ``"token"`` (per sample and token).
         norm_eps: lower bound of a branch norm.
-        alpha_init, beta_init: initial Attention Normalization scale and shift (paper: 1 and 0).
+        alpha_init, beta_init: initial Attention Normalization scale and shift; 0 and 0 (default) start SUN as
+            the identity (the frozen model exactly); the paper's values are 1 and 0.
     """
 
     @register_to_config
@@ -88,7 +89,7 @@ class SUNAdapter(ModelMixin, ConfigMixin):
         use_positive_branch: bool = False,
         norm_scope: str = "sample",
         norm_eps: float = 1e-6,
-        alpha_init: float = 1.0,
+        alpha_init: float = 0.0,
         beta_init: float = 0.0,
     ) -> None:
         super().__init__()
@@ -114,7 +115,7 @@ class SUNAdapter(ModelMixin, ConfigMixin):
         use_positive_branch: bool = False,
         norm_scope: str = "sample",
         norm_eps: float = 1e-6,
-        alpha_init: float = 1.0,
+        alpha_init: float = 0.0,
         beta_init: float = 0.0,
         projection_init: str = "copy",
     ) -> SUNAdapter:
@@ -122,9 +123,9 @@ class SUNAdapter(ModelMixin, ConfigMixin):
 
         ``projection_init``: ``"copy"`` starts ``to_k_neg``/``to_v_neg`` (and the positive branch) from the
         layer's own ``to_k``/``to_v`` (the negative branch attends like the frozen layer from step 0);
-        ``"random"`` keeps ``nn.Linear``'s default init; ``"zero"`` zeroes the value projections, so the
-        adapter starts as the identity (its gradients then pass through the ``1/eps`` of an all-zero
-        branch norm: prefer ``alpha_init=0`` for an identity start).
+        ``"random"`` keeps ``nn.Linear``'s default init; ``"zero"`` zeroes the value projections (also an
+        identity start, but its gradients then pass through the ``1/eps`` of an all-zero branch norm: the
+        default ``alpha_init=0`` is the better identity start).
         """
         if projection_init not in PROJECTION_INITS:
             raise UserError(

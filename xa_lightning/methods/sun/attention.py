@@ -45,7 +45,8 @@ def attention_normalization(
     reference_norm = reference.float().norm(dim=dims, keepdim=True)
     branch_norm = branch.float().norm(dim=dims, keepdim=True).clamp_min(eps)
     ratio = (reference_norm / branch_norm).to(branch.dtype)
-    return alpha.to(branch.dtype) * (branch * ratio) + beta.to(branch.dtype)
+    alpha, beta = (p.to(device=branch.device, dtype=branch.dtype) for p in (alpha, beta))
+    return alpha * (branch * ratio) + beta
 
 
 def _attend(
@@ -155,23 +156,22 @@ class SUNAttnProcessor:
 
         layer = self.layer
         z_prompt = _attend(attn, query, attn.to_k(prompt), attn.to_v(prompt), prompt_mask)
-        # The adapter may be kept in another dtype than the frozen UNet (fp32 weights beside an fp16 UNet).
-        weight_dtype = layer.to_k_neg.weight.dtype
-        negative = negative.to(weight_dtype)
+
+        # The adapter may live in another dtype (fp32 weights beside an fp16 UNet) or on another device (a
+        # pipeline with model CPU offload moves only the UNet): project where its weights are, attend here.
+        def project(linear: torch.nn.Linear, states: torch.Tensor) -> torch.Tensor:
+            weight = linear.weight
+            return linear(states.to(device=weight.device, dtype=weight.dtype)).to(query.device, query.dtype)
+
         z_negative = _attend(
-            attn,
-            query,
-            layer.to_k_neg(negative).to(query.dtype),
-            layer.to_v_neg(negative).to(query.dtype),
-            negative_mask,
+            attn, query, project(layer.to_k_neg, negative), project(layer.to_v_neg, negative), negative_mask
         )
         correction = -attention_normalization(
             z_negative, z_prompt, layer.neg_alpha, layer.neg_beta, config.norm_scope, config.norm_eps
         )
         if config.use_positive_branch:
-            prompt = prompt.to(weight_dtype)
             z_positive = _attend(
-                attn, query, layer.to_k_pos(prompt).to(query.dtype), layer.to_v_pos(prompt).to(query.dtype), prompt_mask
+                attn, query, project(layer.to_k_pos, prompt), project(layer.to_v_pos, prompt), prompt_mask
             )
             correction = correction + attention_normalization(
                 z_positive, z_prompt, layer.pos_alpha, layer.pos_beta, config.norm_scope, config.norm_eps

@@ -1,4 +1,6 @@
-"""xa-bench sun: wall time per image, 25-step DPM-Solver++ with CFG (teacher) vs SUN 4 steps without CFG.
+"""xa-bench sun: wall time per image, 25-step DPM-Solver++ with CFG (teacher) vs SUN 4 steps without CFG;
+with ``--train``: peak memory and time of one MSC training step, all student graphs kept for one backward
+vs each student step recomputed in backward (``method.distillation.checkpoint_student``).
 
 Both run through the real diffusers pipeline (text encoding, denoising loop, VAE decode) on the same
 backbone in the same process, alternating, median over repeats. The UNet evaluations per image are
@@ -128,6 +130,103 @@ def run_one(
     }
 
 
+def _peak_memory(step: Any, device: str) -> int:
+    """Bytes allocated at the peak of ``step()`` above what was allocated before it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    # The CPU allocator keeps no peak statistic; the profiler records its running total at every allocation.
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    allocations = []
+    pending = list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        pending.extend(event.children)
+        if event.tag == _EventType.Allocation:
+            allocations.append((event.start_time_ns, event.extra_fields.total_allocated, event.extra_fields.alloc_size))
+    if not allocations:
+        return 0
+    allocations.sort()
+    _, first_total, first_size = allocations[0]
+    return max(total for _, total, _ in allocations) - (first_total - first_size)
+
+
+def run_training(
+    flavour: str, device: str, dtype: str, batch_size: int, repeats: int, teacher_substeps: int, student_steps: int
+) -> dict[str, Any]:
+    """One MSC training step (loss + backward) with and without checkpointed student steps."""
+    from xa_lightning.backbones import build_backbone
+    from xa_lightning.methods.sun.adapter import SUNAdapter
+    from xa_lightning.methods.sun.config import DistillationConfig
+    from xa_lightning.methods.sun.msc import SUNDistillation
+    from xa_lightning.methods.sun.teacher import CFGTeacher
+    from xa_lightning.runtime import device_name
+
+    backbone = build_backbone("sd15", flavour, dtype=dtype, device=device)
+    unet = backbone.denoiser
+    tokens = int(backbone.tokenizers[0].model_max_length)
+    adapter = SUNAdapter.from_unet(unet, num_negative_tokens=tokens, alpha_init=1.0)  # fp32, as in training
+    adapter.install(unet)
+    teacher = CFGTeacher(unet, backbone.scheduler_config, adapter)
+    config = DistillationConfig(student_steps=student_steps, teacher_substeps=teacher_substeps)
+    distillation = SUNDistillation(config, teacher, backbone.scheduler_config)
+    size = backbone.latent_size
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(batch_size, backbone.latent_channels, size, size, generator=generator).to(device)
+    with torch.no_grad():
+        prompt = backbone.encode_text([PROMPT] * batch_size).prompt_embeds.float()
+        negative = backbone.encode_text([NEGATIVE] * batch_size).prompt_embeds.float()
+    scales = torch.full((batch_size,), 7.5, device=device)
+
+    def student(x: torch.Tensor, t: Any, states: torch.Tensor) -> torch.Tensor:
+        return unet(x.to(unet.dtype), t, encoder_hidden_states=states.to(unet.dtype)).sample.to(x.dtype)
+
+    def step() -> torch.Tensor:
+        adapter.zero_grad(set_to_none=True)
+        loss, _ = distillation(student, latents, prompt, negative, scales, torch.Generator().manual_seed(1))
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in adapter.parameters()])
+
+    results: dict[str, dict[str, float]] = {}
+    gradients = {}
+    for name, checkpointed in (("single_backward", False), ("checkpointed", True)):
+        config.checkpoint_student = checkpointed
+        gradients[name] = step()  # warm-up (lazy init), and the gradients compared below
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        results[name] = {"peak_mb": _peak_memory(step, device) / 2**20, "step_s": statistics.median(times)}
+    before, after = results["single_backward"], results["checkpointed"]
+    difference = float((gradients["single_backward"] - gradients["checkpointed"]).abs().max())
+    return {
+        "backbone": backbone.id,
+        "device": device_name(device),
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "student_steps": student_steps,
+        "teacher_substeps": teacher_substeps,
+        "single_backward": before,
+        "checkpointed": after,
+        # bit for bit on one thread; multi-threaded kernels may round the recomputed pass differently
+        "gradient_max_abs_diff": difference,
+        "same_gradients": difference <= 1e-4 * float(gradients["single_backward"].abs().max()),
+        "memory_ratio": before["peak_mb"] / max(after["peak_mb"], 1e-9),
+        "time_ratio": before["step_s"] / after["step_s"],
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xa-bench sun", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -143,6 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--student-steps", type=int, default=4)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="benchmark one MSC training step instead: peak memory and time, one backward vs checkpointed steps",
+    )
+    parser.add_argument("--teacher-substeps", type=int, default=6, help="--train: teacher steps per student step")
     args = parser.parse_args(list(argv or []))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from xa_lightning.errors import UserError
 
                 raise UserError(f"--runs asks for {flavour}@{device} but no CUDA device is available")
+    if args.train:
+        return _main_train(args, runs)
     results = []
     for flavour, device in runs:
         dtype = "fp16" if device.startswith("cuda") else "fp32"
@@ -185,6 +292,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratio": headline["ratio"],
         "target": TARGET_RATIO,
         "meets_target": headline["ratio"] >= TARGET_RATIO,
+        "runs": results,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def _main_train(args: argparse.Namespace, runs: list[tuple[str, str]]) -> int:
+    results = []
+    for flavour, device in runs:
+        dtype = "fp16" if device.startswith("cuda") else "fp32"
+        result = run_training(
+            flavour, device, dtype, args.batch_size, args.repeats, args.teacher_substeps, args.student_steps
+        )
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    headline = results[-1]
+    summary = {
+        "benchmark": "sun",
+        "mode": "train",
+        "device": headline["device"],
+        "backbone": headline["backbone"],
+        "peak_mb": {
+            "single_backward": headline["single_backward"]["peak_mb"],
+            "checkpointed": headline["checkpointed"]["peak_mb"],
+        },
+        "step_s": {
+            "single_backward": headline["single_backward"]["step_s"],
+            "checkpointed": headline["checkpointed"]["step_s"],
+        },
+        "same_gradients": headline["same_gradients"],
+        "ratio": headline["memory_ratio"],
+        "time_ratio": headline["time_ratio"],
         "runs": results,
     }
     print(json.dumps(summary))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from xa_lightning.errors import UserError
 from xa_lightning.paths import repo_root
@@ -18,6 +19,9 @@ from xa_lightning.training.utils import check_init_weights
 class SUNAdapterOptions:
     """How the adapter is built (``method.adapter``); see :meth:`SUNAdapter.from_unet`.
 
+    ``alpha_init: 0`` (default) starts SUN as the identity: every layer outputs ``Zp``, the student is the
+    frozen model exactly, and training moves it from there (the paper's alpha = 1 with copied projections
+    starts each layer at ``Zp - |Zp| Zn / |Zn|``, far from any model; ``alpha_init: 1`` gives that).
     ``init_weights``: start from trained weights instead: an official ``sun_adapter_*.safetensors`` or an
     xa-lightning adapter export directory (fine-tuning / evaluating released weights);
     ``require_init_weights``: refuse to start without them (evaluation-only experiments).
@@ -26,7 +30,7 @@ class SUNAdapterOptions:
     use_positive_branch: bool = False
     norm_scope: str = "sample"
     norm_eps: float = 1e-6
-    alpha_init: float = 1.0
+    alpha_init: float = 0.0
     beta_init: float = 0.0
     projection_init: str = "copy"
     init_weights: str | None = None
@@ -72,22 +76,39 @@ class SamplingOptions:
     baseline alike (same prompts, seeds and negative prompt). ``plugin_unets``: name -> hub id or local
     directory of a fine-tuned UNet of the same architecture (a diffusers model dir, or a pipeline dir with
     ``unet/``); each adds the samplers ``sun_<name>`` (this adapter plugged in, no retraining) and
-    ``teacher_<name>`` (that UNet with CFG, 25 steps).
+    ``teacher_<name>`` (that UNet with CFG, 25 steps). ``lcm_lora``: an LCM-LoRA for the backbone (hub id,
+    dir or file); adds the baseline sampler ``lcm_lora`` (LCMScheduler, ``steps`` steps, CFG
+    ``lcm_lora_guidance_scale``: 1 = none, the negative prompt then unused, as LCM-LoRA recommends).
     """
 
     steps: int = 4
     negative_prompt: str = "worst quality, low quality, blurry, watermark, text"
     progress: bool = False
     plugin_unets: dict[str, str] = field(default_factory=dict)
+    lcm_lora: str | None = None
+    lcm_lora_guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        self.plugin_unets = {str(k): str(v) for k, v in dict(self.plugin_unets or {}).items()}
-        for name in self.plugin_unets:
-            if not name.isidentifier():
+        if self.steps < 1:
+            raise UserError(f"method.sampling.steps={self.steps} must be >= 1")
+        unets = dict(self.plugin_unets or {})
+        for name, source in unets.items():
+            if not str(name).isidentifier():
                 raise UserError(f"method.sampling.plugin_unets.{name}: use a plain name (letters, digits, _)")
+            if source in (None, ""):
+                raise UserError(
+                    f"method.sampling.plugin_unets.{name} is not set: give the path (or hub id) of a fine-tuned "
+                    "SD1.5 UNet in the diffusers layout (a UNet dir or a pipeline dir with unet/)"
+                )
+        self.plugin_unets = {str(k): str(v) for k, v in unets.items()}
+        local = self.lcm_lora is not None and self.lcm_lora.startswith((".", "/", "~"))
+        if local and not Path(self.lcm_lora).expanduser().exists():
+            raise UserError(f"method.sampling.lcm_lora={self.lcm_lora} does not exist; give the LCM-LoRA's path")
+        if self.lcm_lora_guidance_scale < 1.0:
+            raise UserError(f"method.sampling.lcm_lora_guidance_scale={self.lcm_lora_guidance_scale} must be >= 1")
 
 
-OBJECTIVES = ("msc", "cfg_eps")
+OBJECTIVES = ("msc", "cfg_eps", "weighted")
 SPACES = ("x", "eps")
 START_FROM = ("data", "noise")
 TIMESTEP_SAMPLING = ("student", "uniform")
@@ -98,7 +119,9 @@ class DistillationConfig:
     """Options of the SUN distillation loss (``method.distillation`` in the config).
 
     Attributes:
-        objective: ``"msc"`` (multi-step consistency) or ``"cfg_eps"`` (single-step CFG distillation).
+        objective: ``"msc"`` (multi-step consistency), ``"cfg_eps"`` (single-step CFG distillation) or
+            ``"weighted"`` (``cfg_eps + msc_weight * msc`` on the same noise).
+        msc_weight: lambda of the weighted objective.
         student_steps: steps of the student trajectory (4).
         teacher_substeps: teacher DPM-Solver++ steps per student interval; ``None``: the teacher's step
             count spread over the intervals (round(teacher_steps / student_steps), 6 for 25 / 4).
@@ -106,10 +129,14 @@ class DistillationConfig:
         step_weights: extra per-student-step weights (length ``student_steps``), e.g. ``[1, 1, 1, 2]``.
         start_from: ``"data"`` (noised training latents at the first student timestep) or ``"noise"``.
         detach_history: cut gradients through the solver's previous model outputs (the 2M history).
-        timestep_sampling: ``cfg_eps`` only: ``"student"`` (the student grid) or ``"uniform"`` (0..T-1).
+        timestep_sampling: ``cfg_eps`` / ``weighted``: ``"student"`` (the student grid) or ``"uniform"`` (0..T-1).
+        checkpoint_student: recompute each student step's UNet activations in backward instead of keeping all
+            ``student_steps`` graphs alive: peak memory of one student call, the same gradients, one more
+            student forward per step (small next to the teacher's sub-steps).
     """
 
     objective: str = "msc"
+    msc_weight: float = 1.0
     student_steps: int = 4
     teacher_substeps: int | None = None
     space: str = "x"
@@ -117,6 +144,7 @@ class DistillationConfig:
     start_from: str = "data"
     detach_history: bool = True
     timestep_sampling: str = "student"
+    checkpoint_student: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -128,6 +156,8 @@ class DistillationConfig:
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise UserError(f"method.distillation.{name}={getattr(self, name)!r} is not one of {allowed}")
+        if self.msc_weight < 0:
+            raise UserError(f"method.distillation.msc_weight={self.msc_weight} must be >= 0")
         if self.student_steps < 1:
             raise UserError(f"method.distillation.student_steps={self.student_steps} must be >= 1")
         if self.teacher_substeps is not None and self.teacher_substeps < 1:

@@ -15,6 +15,12 @@ The paper's exact MSC formula is not public; this is the reconstruction the proj
     each error by the step's noise coefficient (the eps-equivalent error, every step on one scale).
 ``cfg_eps`` — single-step CFG distillation: at a noised data latent the student's output must equal the
     teacher's CFG output (eps or v). No trajectory; the ablation baseline "MSC vs single-step".
+``weighted`` — both on the same noise: ``L = L_cfg_eps + msc_weight * L_msc`` (the CFG-distillation term
+    anchors each single prediction, the MSC term the trajectory).
+
+Memory: the K student calls of ``msc`` each keep their UNet activations for backward; with
+``checkpoint_student`` each call is recomputed in backward instead, so at most one student call's
+activations are alive (the gradients are the same; ``xa-bench sun --train`` shows the peak memory).
 """
 
 from __future__ import annotations
@@ -96,9 +102,24 @@ class SUNDistillation:
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-        if self.config.objective == "cfg_eps":
-            return self._cfg_eps(student, latents, noise, prompt_embeds, negative_embeds, guidance_scales, generator)
-        return self._msc(student, latents, noise, prompt_embeds, negative_embeds, guidance_scales)
+        objective = self.config.objective
+        if objective == "msc":
+            return self._msc(student, latents, noise, prompt_embeds, negative_embeds, guidance_scales)
+        loss, logs = self._cfg_eps(student, latents, noise, prompt_embeds, negative_embeds, guidance_scales, generator)
+        if objective == "weighted":
+            msc, msc_logs = self._msc(student, latents, noise, prompt_embeds, negative_embeds, guidance_scales)
+            loss = loss + self.config.msc_weight * msc
+            logs = {**logs, **msc_logs, "msc": msc.detach()}
+        return loss, logs
+
+    def _student_call(self, student: StudentFn) -> StudentFn:
+        if not (self.config.checkpoint_student and torch.is_grad_enabled()):
+            return student
+
+        def checkpointed(x: torch.Tensor, t: Any, states: torch.Tensor) -> torch.Tensor:
+            return torch.utils.checkpoint.checkpoint(student, x, t, states, use_reentrant=False)
+
+        return checkpointed
 
     # ------------------------------------------------------------------ objectives
     def _msc(
@@ -119,6 +140,7 @@ class SUNDistillation:
         weights = self.step_scales()
         total = latents.new_zeros((), dtype=torch.float32)
         logs: dict[str, Any] = {}
+        student = self._student_call(student)
         for i, (t, (teacher_steps, land_on)) in enumerate(zip(solver.timesteps, self.teacher_plan())):
             x = x.detach()
             output = student(x, t, student_states)

@@ -172,8 +172,9 @@ class SUNPipeline:
             clip_skip=kwargs.pop("clip_skip", None),
             lora_scale=cross_attention_kwargs.get("scale"),
         )
-        if next(self.adapter.parameters()).device != self.pipe.unet.device:
-            self.adapter.to(self.pipe.unet.device)
+        device = self._device()  # with model CPU offload: where the UNet will run, not where it waits
+        if next(self.adapter.parameters()).device != device:
+            self.adapter.to(device)
         if not self.adapter.is_installed(self.pipe.unet):  # e.g. the user replaced pipe.unet
             self.adapter.install(self.pipe.unet)
         return self.pipe(

@@ -2,7 +2,9 @@
 
 ``sun`` (the student: 4 steps, no CFG), ``teacher`` (the frozen model: 25-step DPM-Solver++ with CFG, same
 prompts, seeds and negative prompt), then ``sun_<name>`` / ``teacher_<name>`` for every fine-tuned UNet in
-``sampling.plugin_unets`` (the adapter plugged in without retraining, and that UNet's own CFG sampling).
+``sampling.plugin_unets`` (the adapter plugged in without retraining, and that UNet's own CFG sampling), and
+``lcm_lora`` when ``sampling.lcm_lora`` names an LCM-LoRA (the few-step baseline: LCMScheduler, the LoRA on
+the frozen UNet, SUN off; the LoRA is switched off again after sampling, so training never sees it).
 """
 
 from __future__ import annotations
@@ -95,6 +97,11 @@ class SUNSampling:
             from diffusers import UNet2DConditionModel
 
             source = self.sampling.plugin_unets[name]
+            if Path(source).is_file():
+                raise UserError(
+                    f"method.sampling.plugin_unets.{name}={source} is a single-file checkpoint; convert it to the "
+                    "diffusers layout first (StableDiffusionPipeline.from_single_file(...).save_pretrained(dir))"
+                )
             subfolder = "unet" if (Path(source) / "unet").is_dir() or not Path(source).exists() else None
             try:
                 unet = UNet2DConditionModel.from_pretrained(source, subfolder=subfolder, torch_dtype=backbone.dtype)
@@ -126,10 +133,45 @@ class SUNSampling:
 
         return {f"sun_{name}": sun, f"teacher_{name}": teacher}
 
+    def _lcm_lora_pipeline(self) -> Any:
+        """The backbone's pipeline with LCMScheduler and the LCM-LoRA loaded into its UNet (once; off after)."""
+        from diffusers import LCMScheduler
+
+        from xa_lightning.plugins import load_lora
+
+        pipe = self.backbone.pipeline(scheduler=LCMScheduler.from_config(self.backbone.scheduler_config))
+        pipe.set_progress_bar_config(disable=not self.sampling.progress)
+        if not self.__dict__.get("_lcm_lora_loaded"):
+            load_lora(pipe, self.sampling.lcm_lora, "lcm_lora")
+            self.backbone.requires_grad_(False)  # peft adds the LoRA weights as trainable parameters
+            self.__dict__["_lcm_lora_loaded"] = True
+        return pipe
+
+    def sample_lcm_lora(
+        self, prompts: list[str], seeds: list[int], references: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Baseline: LCM-LoRA on the frozen UNet, ``sampling.steps`` LCM steps (SUN switched off)."""
+        pipe = self._lcm_lora_pipeline()
+        pipe.enable_lora()
+        try:
+            with self.adapter.disabled():
+                return self._generate(
+                    pipe,
+                    prompts,
+                    seeds,
+                    num_inference_steps=self.sampling.steps,
+                    guidance_scale=self.sampling.lcm_lora_guidance_scale,
+                )
+        finally:
+            pipe.disable_lora()  # UNet and text encoder: training and the other samplers see the plain model
+
     def evaluation_samplers(self) -> OrderedDict[str, Sampler]:
         """``sun``: the student (4 steps, no CFG); ``teacher``: 25-step DPM-Solver++ with CFG, same seeds;
-        then ``sun_<name>`` / ``teacher_<name>`` for every fine-tuned UNet in ``sampling.plugin_unets``."""
+        then ``sun_<name>`` / ``teacher_<name>`` for every fine-tuned UNet in ``sampling.plugin_unets``, and
+        ``lcm_lora`` with ``sampling.lcm_lora``."""
         samplers: OrderedDict[str, Sampler] = OrderedDict(sun=self.sample_sun, teacher=self.sample_teacher)
         for name in self.sampling.plugin_unets:
             samplers.update(self._plugin_samplers(name))
+        if self.sampling.lcm_lora is not None:
+            samplers["lcm_lora"] = self.sample_lcm_lora
         return samplers

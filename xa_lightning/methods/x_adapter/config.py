@@ -6,6 +6,7 @@ is loaded; mappings from the config become these classes through ``xa_lightning.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,29 @@ from xa_lightning.training.utils import check_init_weights
 
 TIMESTEP_MODES = ("shared", "independent")
 CONDITIONS = ("identity", "canny")
+
+
+def smallest_adapter_guidance_start(steps: int) -> float:
+    """The smallest alpha (4 decimals) for which stage 2 runs at least one of ``steps`` steps."""
+    value = math.ceil(10_000 / steps) / 10_000
+    while int(steps * value) < 1:  # 1/N is not exact in binary (49 * (1/49) < 1)
+        value = round(value + 1e-4, 4)
+    return value
+
+
+def check_adapter_guidance_start(
+    alpha: float, steps: int, key: str = "adapter_guidance_start", steps_key: str = "num_inference_steps"
+) -> int:
+    """The number of stage-2 steps, ``int(steps * alpha)``; a one-line UserError when it is not in 1..steps."""
+    if steps < 1:
+        raise UserError(f"{steps_key}={steps}: need at least 1 step")
+    stage2 = int(steps * alpha)
+    if not 0.0 < alpha <= 1.0 or stage2 < 1:
+        raise UserError(
+            f"{key}={alpha} gives int({steps} * {alpha}) = {stage2} X-Adapter steps out of {steps}; use a "
+            f"value in [{smallest_adapter_guidance_start(steps)}, 1] (the smallest leaves one step)"
+        )
+    return stage2
 
 
 @dataclass
@@ -91,17 +115,28 @@ class SamplingOptions:
     base_prompt_suffix: str = ""
     progress: bool = False
 
+    def __post_init__(self) -> None:
+        check_adapter_guidance_start(
+            self.adapter_guidance_start, self.steps, "method.sampling.adapter_guidance_start", "method.sampling.steps"
+        )
+
 
 @dataclass
 class PluginOptions:
-    """The base model's plugin in evaluation (``method.plugin``); training is always plugin-free.
+    """The plugins in evaluation (``method.plugin``); training is always plugin-free (each is switched on
+    only while a sampler runs).
 
-    ``kind``: none | controlnet | t2i_adapter | lora. ``path``: hub id / local dir / LoRA file; null builds
-    a tiny random one from the base UNet (demo, tests). ``scale``: conditioning scale / LoRA weight.
-    ``condition``: how evaluation references become the ControlNet / T2I-Adapter input: identity (the
-    references ARE control maps, e.g. canny maps: what edge_f1 compares against) | canny (OpenCV canny of
-    reference photos). ``img2img_strength``: stage 1 starts from the reference image noised to this strength
-    (ControlNet tile: the reference is both the control and the init image).
+    ``kind``: the base model's plugin: none | controlnet | t2i_adapter | lora | ip_adapter. ``path``: hub id /
+    local dir / LoRA or IP-Adapter file; null builds a tiny random one from the base UNet (demo, tests).
+    ``scale``: conditioning scale / LoRA weight / IP-Adapter scale. ``condition``: how evaluation references
+    become the ControlNet / T2I-Adapter input: identity (the references ARE control maps, e.g. canny maps:
+    what edge_f1 compares against) | canny (OpenCV canny of reference photos); an IP-Adapter takes the
+    reference image itself. ``img2img_strength``: stage 1 starts from the reference image noised to this
+    strength (ControlNet tile: the reference is both the control and the init image).
+    ``guess_mode``, ``control_guidance_start`` / ``control_guidance_end``: the ControlNet's, as in diffusers.
+    ``image_encoder``: the IP-Adapter's CLIP vision encoder (dir / hub id; required with an IP-Adapter file).
+    ``upgraded_lora`` / ``upgraded_lora_scale``: remix, a LoRA of the upgraded model active in every sampler
+    that runs the upgraded model (``x_adapter``, ``upgraded``, ``sdedit``).
     """
 
     kind: str = "none"
@@ -110,6 +145,12 @@ class PluginOptions:
     condition: str = "identity"
     img2img_strength: float | None = None
     lora_format: str | None = None
+    guess_mode: bool = False
+    control_guidance_start: float = 0.0
+    control_guidance_end: float = 1.0
+    image_encoder: str | None = None
+    upgraded_lora: str | None = None
+    upgraded_lora_scale: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -119,8 +160,24 @@ class PluginOptions:
             raise UserError(f"method.plugin.condition={self.condition!r} must be identity or canny")
         if self.img2img_strength is not None and not 0.0 < self.img2img_strength <= 1.0:
             raise UserError(f"method.plugin.img2img_strength={self.img2img_strength} must be in (0, 1] or null")
-        looks_local = self.path is not None and (
-            self.path.startswith((".", "/", "~")) or Path(self.path).suffix in (".safetensors", ".bin", ".pt")
-        )
-        if looks_local and not Path(self.path).expanduser().exists():
-            raise UserError(f"method.plugin.path={self.path} does not exist")
+        if not 0.0 <= self.control_guidance_start < self.control_guidance_end <= 1.0:
+            raise UserError(
+                f"method.plugin.control_guidance_start={self.control_guidance_start} / control_guidance_end="
+                f"{self.control_guidance_end}: need 0 <= start < end <= 1"
+            )
+        if self.kind == "ip_adapter" and self.path is not None and self.image_encoder is None:
+            raise UserError(
+                "method.plugin.image_encoder is required with an IP-Adapter file: the CLIP vision encoder it was "
+                "trained with (h94/IP-Adapter models/image_encoder)"
+            )
+        for key in ("path", "image_encoder", "upgraded_lora"):
+            _check_local(getattr(self, key), f"method.plugin.{key}")
+
+
+def _check_local(path: str | None, key: str) -> None:
+    """A value that looks like a local path must exist (hub ids are checked when loaded)."""
+    looks_local = path is not None and (
+        path.startswith((".", "/", "~")) or Path(path).suffix in (".safetensors", ".bin", ".pt")
+    )
+    if looks_local and not Path(path).expanduser().exists():
+        raise UserError(f"{key}={path} does not exist")

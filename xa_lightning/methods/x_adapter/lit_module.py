@@ -11,7 +11,7 @@ One training step (null-text training, the paper's Sec. 3.2):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,21 @@ def _build_backbone(spec: Any, key: str) -> torch.nn.Module:
     from xa_lightning.backbones import backbone_from_config
 
     return backbone_from_config(spec)
+
+
+def check_data_resolutions(resolution: int, extra_resolutions: Sequence[int], base: Any, upgraded: Any) -> None:
+    """``data.resolution`` must be the base model's native size and ``data.extra_resolutions`` must hold the
+    upgraded model's: one-line UserErrors naming the key and the value to set."""
+    if int(resolution) != base.resolution:
+        raise UserError(
+            f"data.resolution={resolution} but the base model {base.id} works at {base.resolution} px; set "
+            f"data.resolution={base.resolution}"
+        )
+    if upgraded.resolution not in [int(r) for r in extra_resolutions or ()]:
+        raise UserError(
+            f"data.extra_resolutions={list(extra_resolutions or ())} lacks the upgraded model's "
+            f"{upgraded.resolution} px ({upgraded.id}); set data.extra_resolutions=[{upgraded.resolution}]"
+        )
 
 
 class XAdapterModule(XAdapterSampling, AdapterModule):
@@ -94,6 +109,12 @@ class XAdapterModule(XAdapterSampling, AdapterModule):
                 f"method.upgraded_backbone.family={upgraded.family!r}: X-Adapter maps into a UNet "
                 f"({', '.join(UPGRADED_FAMILIES)}); DiT upgraded models are not supported"
             )
+        options = self.plugin_options
+        if options.kind != "none" and options.path is None and base.flavour == "pretrained":
+            raise UserError(
+                f"method.plugin.path is not set for the {options.kind} plugin of a real base model ({base.id}); "
+                "give the plugin's file / hub id (a random tiny plugin stands in only on tiny backbones)"
+            )
         self.base = self.add_backbone("base", base)
         self.upgraded = self.add_backbone("upgraded", upgraded)
         self.adapter = self._build_mapper()
@@ -104,6 +125,17 @@ class XAdapterModule(XAdapterSampling, AdapterModule):
         self._pipeline = None
         self._plugin = None
         self._plugin_built = False
+        self._image_encoder = None
+
+    def setup(self, stage: str) -> None:
+        """Check the data resolutions against the two models before the first step: the mapper was built for
+        their native sizes, and its hooks would otherwise resize mismatched features silently."""
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and datamodule is not None and hasattr(datamodule, "resolution"):
+            check_data_resolutions(
+                datamodule.resolution, getattr(datamodule, "extra_resolutions", ()), self.base, self.upgraded
+            )
 
     # ------------------------------------------------------------------ mapper
     @property

@@ -221,7 +221,9 @@ class MappingStage(nn.Module):
                 x = self._gradient_checkpointing_func(block, x, output_size)
             else:
                 x = block(x, output_size=output_size)
-        if tuple(x.shape[-2:]) != target_size:  # e.g. odd sizes at inference: never silently misalign
+        # Other sizes than the mapper was built for (odd sizes at inference) are resized to the block's; training
+        # refuses them up front (XAdapterModule.setup checks data.resolution against the models).
+        if tuple(x.shape[-2:]) != target_size:
             x = F.interpolate(x, size=target_size, mode="bilinear", align_corners=False)
         if hasattr(self, "zero_out"):
             return self.zero_out(x)

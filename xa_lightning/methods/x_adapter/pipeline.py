@@ -8,12 +8,16 @@ runs both models together for the remaining ``int(N * alpha)`` steps of the SAME
 (SDXL), which produces the image. Both models use classifier-free guidance.
 
 Deliberate differences from the official pipelines (showlab/X-Adapter):
-- stage 2 continues the schedule from ``t0`` for the base model too (the official pipeline restarts the
-  base model's schedule at ``T`` in stage 2, so base features and upgraded latents disagree in noise level);
-- without CFG the base model is fed its own latents (the official no-CFG branch feeds it the upgraded
-  latents);
+- stage 2 continues the schedule from ``t0`` for the base model too. The official LoRA pipeline
+  (``pipeline_sd_xl_adapter.py``) restarts the base model's schedule at ``T`` in stage 2, so base features
+  and upgraded latents disagree in noise level; its ControlNet pipelines continue from ``t0`` as we do;
+- without CFG the base model is fed its own latents (the official LoRA pipeline's no-CFG branch feeds it
+  the upgraded latents; its ControlNet pipelines do not);
 - both schedulers must produce the same timesteps; when their configs differ the base scheduler is given
-  the upgraded scheduler's timesteps (or a clear error when it cannot take custom timesteps).
+  the upgraded scheduler's timesteps (or a clear error when it cannot take custom timesteps);
+- ``control_guidance_start`` / ``control_guidance_end`` are fractions of the one N-step schedule, so a
+  timestep gets the same ControlNet weight in both stages (the official ControlNet pipelines index stage
+  2's steps from 0 against stage 1's length).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from xa_lightning.backbones.surgery import capture_outputs
 from xa_lightning.errors import UserError
+from xa_lightning.methods.x_adapter.config import check_adapter_guidance_start
 from xa_lightning.methods.x_adapter.injection import ResidualInjector
 from xa_lightning.methods.x_adapter.mapper import XAdapterMapper
 from xa_lightning.plugins import (
@@ -229,6 +234,26 @@ class XAdapterPipeline(DiffusionPipeline):
             f"{sorted(n for s in self._lora_scales.values() for n in s)}"
         )
 
+    def set_loras_enabled(self, enabled: bool) -> None:
+        """Switch every loaded LoRA (base and upgraded model, UNets and text encoders) on or off; weights and
+        scales stay loaded. Off, the models are exactly the plain ones (what training needs)."""
+        from diffusers.loaders.lora_base import disable_lora_for_text_encoder, enable_lora_for_text_encoder
+        from diffusers.models.modeling_utils import ModelMixin
+
+        for which, scales in self._lora_scales.items():
+            if not scales:
+                continue
+            helper = self._helper(which)
+            for name in helper._lora_loadable_modules:
+                model = getattr(helper, name, None)
+                if model is None or not getattr(model, "peft_config", None):
+                    continue  # e.g. a LoRA file with UNet keys only leaves the text encoder plain
+                if isinstance(model, ModelMixin):
+                    switch = model.enable_lora if enabled else model.disable_lora
+                    switch()
+                else:
+                    (enable_lora_for_text_encoder if enabled else disable_lora_for_text_encoder)(model)
+
     # ------------------------------------------------------------------ prompts
     def _encode_base(
         self, prompts: list[str], negative: list[str] | None, device: torch.device, per_prompt: int, cfg: bool
@@ -328,25 +353,50 @@ class XAdapterPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ base model step (with plugins)
     def _base_forward(
-        self,
-        latents: torch.Tensor,
-        t: torch.Tensor,
-        embeds: torch.Tensor,
-        cfg: bool,
-        control: torch.Tensor | None,
-        control_scale: float,
-        guess_mode: bool,
-        t2i_states: list[torch.Tensor] | None,
+        self, latents: torch.Tensor, t: torch.Tensor, base: dict[str, Any], control_scale: float
     ) -> torch.Tensor:
+        """One base UNet call with its plugins, in the CFG batch layout ``[uncond, cond]`` when CFG is on."""
+        cfg = base["cfg"]
+        embeds = base["embeds"]
         model_input = torch.cat([latents, latents]) if cfg else latents
         model_input = self.base_scheduler.scale_model_input(model_input, t)
         kwargs: list[dict] = []
-        if self.controlnet is not None and control is not None:
-            kwargs.append(
-                controlnet_residuals(self.controlnet, model_input, t, embeds, control, control_scale, guess_mode)
-            )
-        if self.t2i_adapter is not None and t2i_states is not None:
-            kwargs.append({"down_intrablock_additional_residuals": t2i_states})
+        if self.controlnet is not None and base["control"] is not None:
+            if base["guess_mode"] and cfg:
+                # As diffusers and the official pipelines: the ControlNet sees only the conditional half;
+                # the unconditional half gets zero residuals.
+                conditional = controlnet_residuals(
+                    self.controlnet,
+                    self.base_scheduler.scale_model_input(latents, t),
+                    t,
+                    embeds.chunk(2)[1],
+                    base["control"].chunk(2)[1],
+                    control_scale,
+                    True,
+                )
+                kwargs.append(
+                    {
+                        "down_block_additional_residuals": [
+                            torch.cat([torch.zeros_like(d), d]) for d in conditional["down_block_additional_residuals"]
+                        ],
+                        "mid_block_additional_residual": torch.cat(
+                            [
+                                torch.zeros_like(conditional["mid_block_additional_residual"]),
+                                conditional["mid_block_additional_residual"],
+                            ]
+                        ),
+                    }
+                )
+            else:
+                kwargs.append(
+                    controlnet_residuals(
+                        self.controlnet, model_input, t, embeds, base["control"], control_scale, base["guess_mode"]
+                    )
+                )
+        if self.t2i_adapter is not None and base["t2i_states"] is not None:
+            kwargs.append({"down_intrablock_additional_residuals": base["t2i_states"]})
+        if base["image_embeds"] is not None:
+            kwargs.append({"added_cond_kwargs": {"image_embeds": base["image_embeds"]}})
         return self.base_unet(
             model_input, t, encoder_hidden_states=embeds, return_dict=False, **merge_unet_kwargs(*kwargs)
         )[0]
@@ -361,21 +411,31 @@ class XAdapterPipeline(DiffusionPipeline):
         height: int,
         width: int,
         control_image: ImageInput,
+        guess_mode: bool,
+        control_guidance: tuple[float, float],
         adapter_image: ImageInput,
         t2i_adapter_conditioning_scale: float,
+        ip_adapter_image_embeds: torch.Tensor | None,
+        negative_ip_adapter_image_embeds: torch.Tensor | None,
     ) -> dict[str, Any]:
         """Base prompt embeddings and plugin inputs, in the base model's CFG batch layout."""
         device = self._execution_device
         batch = len(prompts) * per_prompt
         cfg = guidance_scale > 1.0
         dtype = self.base_unet.dtype
+        start, end = control_guidance
+        if not 0.0 <= start < end <= 1.0:
+            raise UserError(f"control_guidance_start={start}, control_guidance_end={end}: need 0 <= start < end <= 1")
         state: dict[str, Any] = {
             "cfg": cfg,
             "guidance_scale": guidance_scale,
             "batch": batch,
             "embeds": self._encode_base(prompts, negatives, device, per_prompt, cfg),
             "control": None,
+            "guess_mode": guess_mode,
+            "control_guidance": (start, end),
             "t2i_states": None,
+            "image_embeds": None,
         }
         if control_image is not None:
             if self.controlnet is None:
@@ -385,9 +445,62 @@ class XAdapterPipeline(DiffusionPipeline):
             if self.t2i_adapter is None:
                 raise UserError("adapter_image was given but the pipeline has no t2i_adapter")
             adapter_input = self._prepare_condition(adapter_image, height, width, batch, False, device, dtype)
+            if self.t2i_adapter.config.in_channels == 1:  # sketch / canny adapters read one grayscale channel
+                luma = torch.tensor([0.299, 0.587, 0.114], device=device, dtype=dtype).view(1, 3, 1, 1)
+                adapter_input = (adapter_input * luma).sum(dim=1, keepdim=True)
             states = t2i_adapter_residuals(self.t2i_adapter, adapter_input, t2i_adapter_conditioning_scale)
             state["t2i_states"] = [torch.cat([s, s]) for s in states] if cfg else states
+        if ip_adapter_image_embeds is not None:
+            state["image_embeds"] = self._image_embeds(
+                ip_adapter_image_embeds, negative_ip_adapter_image_embeds, batch, cfg, device, dtype
+            )
         return state
+
+    def _image_embeds(
+        self,
+        embeds: torch.Tensor,
+        negative: torch.Tensor | None,
+        batch: int,
+        cfg: bool,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> list[torch.Tensor]:
+        """The base IP-Adapter's image features as the UNet's ``image_embeds`` (zeros for the CFG negative)."""
+        if getattr(self.base_unet, "encoder_hid_proj", None) is None:
+            raise UserError(
+                "ip_adapter_image_embeds was given but the base UNet has no IP-Adapter; load one with "
+                "load_base_ip_adapter(...)"
+            )
+
+        def per_image(features: torch.Tensor) -> torch.Tensor:
+            if batch % features.shape[0]:
+                raise UserError(f"{features.shape[0]} IP-Adapter image embeddings for {batch} images")
+            return features.repeat_interleave(batch // features.shape[0], dim=0).to(device=device, dtype=dtype)
+
+        features = per_image(embeds)
+        if cfg:
+            unconditional = torch.zeros_like(features) if negative is None else per_image(negative)
+            features = torch.cat([unconditional, features])
+        from xa_lightning.plugins.ip_adapter import unet_image_embeds
+
+        return unet_image_embeds(features)
+
+    def load_base_ip_adapter(self, adapter: Any, scale: float = 1.0) -> Any:
+        """Load an SD1.5 IP-Adapter (file, layout or model) into the base UNet through diffusers' loader.
+
+        Returns the :class:`~xa_lightning.backbones.surgery.Surgery` that removes it again (bit for bit);
+        generate with ``ip_adapter_image_embeds=`` (the CLIP image features of the reference).
+        """
+        from xa_lightning.plugins.ip_adapter import load_into_unet
+
+        return load_into_unet(self.base_unet, adapter, scale, key="base IP-Adapter")
+
+    @staticmethod
+    def _control_scale(base: dict[str, Any], scale: float, position: int, total: int) -> float:
+        """``scale`` at step ``position`` of the ``total``-step schedule: 0 outside the control guidance window
+        (diffusers' ``controlnet_keep``)."""
+        start, end = base["control_guidance"]
+        return scale * (1.0 - float(position / total < start or (position + 1) / total > end))
 
     def _base_stage(
         self,
@@ -400,7 +513,6 @@ class XAdapterPipeline(DiffusionPipeline):
         image: ImageInput,
         strength: float,
         control_scale: float,
-        guess_mode: bool,
         progress: Any,
         callback_on_step_end: Callable[[int, str, torch.Tensor], None] | None,
     ) -> torch.Tensor:
@@ -408,6 +520,7 @@ class XAdapterPipeline(DiffusionPipeline):
         device, dtype, batch = self._execution_device, self.base_unet.dtype, base["batch"]
         scale_factor = _vae_scale_factor(self.base_vae)
         shape = (batch, self.base_unet.config.in_channels, height // scale_factor, width // scale_factor)
+        start = 0
         if image is not None:
             pixels = VaeImageProcessor(vae_scale_factor=scale_factor).preprocess(image, height=height, width=width)
             if pixels.shape[0] != batch:
@@ -429,20 +542,8 @@ class XAdapterPipeline(DiffusionPipeline):
             )
             latents = latents.to(device=device, dtype=dtype) * self.base_scheduler.init_noise_sigma
         for step, t in enumerate(timesteps):
-            prediction = self._cfg(
-                self._base_forward(
-                    latents,
-                    t,
-                    base["embeds"],
-                    base["cfg"],
-                    base["control"],
-                    control_scale,
-                    guess_mode,
-                    base["t2i_states"],
-                ),
-                base["guidance_scale"],
-                base["cfg"],
-            )
+            scale = self._control_scale(base, control_scale, start + step, num_inference_steps)
+            prediction = self._cfg(self._base_forward(latents, t, base, scale), base["guidance_scale"], base["cfg"])
             latents = self.base_scheduler.step(prediction, t, latents, return_dict=False)[0]
             if callback_on_step_end is not None:
                 callback_on_step_end(step, "base", latents)
@@ -481,8 +582,12 @@ class XAdapterPipeline(DiffusionPipeline):
         control_image: ImageInput = None,
         controlnet_conditioning_scale: float = 1.0,
         guess_mode: bool = False,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
         adapter_image: ImageInput = None,
         t2i_adapter_conditioning_scale: float = 1.0,
+        ip_adapter_image_embeds: torch.Tensor | None = None,
+        negative_ip_adapter_image_embeds: torch.Tensor | None = None,
         output_type: str = "pt",
     ) -> Any:
         """The base model + its plugins alone: exactly X-Adapter's stage 1 for the same arguments and seeds."""
@@ -497,8 +602,12 @@ class XAdapterPipeline(DiffusionPipeline):
             height,
             width,
             control_image,
+            guess_mode,
+            (control_guidance_start, control_guidance_end),
             adapter_image,
             t2i_adapter_conditioning_scale,
+            ip_adapter_image_embeds,
+            negative_ip_adapter_image_embeds,
         )
         self._aligned_timesteps(num_inference_steps, self._execution_device)
         with self.progress_bar(total=num_inference_steps) as progress:
@@ -512,7 +621,6 @@ class XAdapterPipeline(DiffusionPipeline):
                 image,
                 strength,
                 controlnet_conditioning_scale,
-                guess_mode,
                 progress,
                 None,
             )
@@ -541,13 +649,18 @@ class XAdapterPipeline(DiffusionPipeline):
         num_images_per_prompt: int = 1,
         generator: Any = None,
         base_latents: torch.Tensor | None = None,
+        stage1_latents: torch.Tensor | None = None,
         image: ImageInput = None,
         strength: float = 1.0,
         control_image: ImageInput = None,
         controlnet_conditioning_scale: float = 1.0,
         guess_mode: bool = False,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
         adapter_image: ImageInput = None,
         t2i_adapter_conditioning_scale: float = 1.0,
+        ip_adapter_image_embeds: torch.Tensor | None = None,
+        negative_ip_adapter_image_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_base_images: bool = False,
         return_dict: bool = True,
@@ -560,20 +673,27 @@ class XAdapterPipeline(DiffusionPipeline):
             base_prompt / base_negative_prompt: the base model's (default: the same as the upgraded ones).
             num_inference_steps: N, the schedule shared by both models.
             guidance_scale / base_guidance_scale: CFG of the upgraded / base model (> 1 enables it).
-            adapter_guidance_start: alpha; stage 2 (X-Adapter) runs the last int(N * alpha) steps.
+            adapter_guidance_start: alpha; stage 2 (X-Adapter) runs the last int(N * alpha) steps (at least 1).
             adapter_condition_scale: s in h + s * F(x) (0 = the upgraded model alone in stage 2).
             fusion_guidance_scale: g, optional; fused feature h + g * (s * F(x) - h), as in the official code.
             base_latents: stage 1's initial noise (default: drawn from ``generator``).
+            stage1_latents: stage 1's RESULT (the base model's final latents, e.g. ``sample_base(...,
+                output_type="latent")``): stage 1 is skipped and stage 2 starts from them, so stage-2 settings
+                can be compared from one stage-1 result.
             image / strength: image-to-image for stage 1 (e.g. ControlNet tile: pass the image as
                 ``image`` and ``control_image``).
-            control_image / controlnet_conditioning_scale / guess_mode: the base ControlNet's input.
+            control_image / controlnet_conditioning_scale / guess_mode: the base ControlNet's input; with
+                ``guess_mode`` and CFG the ControlNet sees only the conditional half (zeros for the other).
+            control_guidance_start / control_guidance_end: the fractions of the N-step schedule in which the
+                ControlNet acts (as diffusers' ControlNet pipelines; the same weight per timestep in both stages).
             adapter_image / t2i_adapter_conditioning_scale: the base T2I-Adapter's input.
+            ip_adapter_image_embeds / negative_ip_adapter_image_embeds: CLIP image features of the reference
+                (and of "no image", default zeros) for an IP-Adapter loaded with :meth:`load_base_ip_adapter`.
             output_type: "pil", "np", "pt" (float in [0, 1]) or "latent".
             return_base_images: also return stage 1's images (the base model + plugins alone).
             callback_on_step_end: called as ``fn(step, stage, latents)`` after each step.
         """
-        if not 0.0 < adapter_guidance_start <= 1.0:
-            raise UserError(f"adapter_guidance_start={adapter_guidance_start} must be in (0, 1]")
+        stage2_steps = check_adapter_guidance_start(adapter_guidance_start, num_inference_steps)
         self._check_strength(strength)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         base_prompts = prompts if base_prompt is None else self._as_list(base_prompt, len(prompts))
@@ -600,34 +720,47 @@ class XAdapterPipeline(DiffusionPipeline):
             base_height,
             base_width,
             control_image,
+            guess_mode,
+            (control_guidance_start, control_guidance_end),
             adapter_image,
             t2i_adapter_conditioning_scale,
+            ip_adapter_image_embeds,
+            negative_ip_adapter_image_embeds,
         )
         embeds, added_cond = self._encode_upgraded(
             prompts, negatives, device, num_images_per_prompt, upgraded_cfg, (height, width)
         )
         timesteps = self._aligned_timesteps(num_inference_steps, device)
-        stage2_steps = int(num_inference_steps * adapter_guidance_start)
-        stage1_steps = (
-            len(self.base_scheduler.timesteps)
-            if image is None
-            else min(int(num_inference_steps * strength), num_inference_steps)
-        )
+        if stage1_latents is not None:
+            stage1_steps = 0
+        elif image is None:
+            stage1_steps = len(self.base_scheduler.timesteps)
+        else:
+            stage1_steps = min(int(num_inference_steps * strength), num_inference_steps)
         with self.progress_bar(total=stage1_steps + stage2_steps) as progress:
-            base_x0 = self._base_stage(
-                base,
-                num_inference_steps,
-                base_height,
-                base_width,
-                generator,
-                base_latents,
-                image,
-                strength,
-                controlnet_conditioning_scale,
-                guess_mode,
-                progress,
-                callback_on_step_end,
-            )
+            if stage1_latents is None:
+                base_x0 = self._base_stage(
+                    base,
+                    num_inference_steps,
+                    base_height,
+                    base_width,
+                    generator,
+                    base_latents,
+                    image,
+                    strength,
+                    controlnet_conditioning_scale,
+                    progress,
+                    callback_on_step_end,
+                )
+            else:
+                factor = _vae_scale_factor(self.base_vae)
+                expected = (batch, self.base_unet.config.in_channels, base_height // factor, base_width // factor)
+                if tuple(stage1_latents.shape) != expected:
+                    raise UserError(
+                        f"stage1_latents has shape {tuple(stage1_latents.shape)}; expected the base model's "
+                        f"final latents {expected}"
+                    )
+                base_x0 = stage1_latents.to(device=device, dtype=self.base_unet.dtype)
             base_pixels = self._decode_latents(self.base_vae, base_x0).float().clamp(-1, 1)
 
             # ---- hand-over: resize to the upgraded resolution, encode, noise both latents to t0
@@ -637,9 +770,7 @@ class XAdapterPipeline(DiffusionPipeline):
             _begin_at(self.base_scheduler, start)
             stage2_timesteps = timesteps[start * self.scheduler.order :]
             t0 = stage2_timesteps[:1].repeat(batch)
-            resized = F.interpolate(
-                base_pixels, size=(height, width), mode="bicubic", align_corners=False, antialias=True
-            ).clamp(-1, 1)
+            resized = upscale_for_stage_two(base_pixels, (height, width))
             upgraded_dtype = self.unet.dtype
             upgraded_x0 = self._encode_image(self.vae, resized).to(upgraded_dtype)
             upgraded_noise = randn_tensor(upgraded_x0.shape, generator=generator, device=device, dtype=upgraded_dtype)
@@ -652,17 +783,9 @@ class XAdapterPipeline(DiffusionPipeline):
             base_blocks = list(self.adapter.config.base_blocks)
             with injector.active():
                 for step, t in enumerate(stage2_timesteps):
+                    scale = self._control_scale(base, controlnet_conditioning_scale, start + step, num_inference_steps)
                     with capture_outputs(self.base_unet, base_blocks) as captured:
-                        base_prediction = self._base_forward(
-                            latents,
-                            t,
-                            base["embeds"],
-                            base["cfg"],
-                            base["control"],
-                            controlnet_conditioning_scale,
-                            guess_mode,
-                            base["t2i_states"],
-                        )
+                        base_prediction = self._base_forward(latents, t, base, scale)
                     features = _align_cfg([captured[name] for name in base_blocks], base["cfg"], upgraded_cfg)
                     latents = self.base_scheduler.step(
                         self._cfg(base_prediction, base_guidance_scale, base["cfg"]), t, latents, return_dict=False
@@ -704,6 +827,11 @@ class XAdapterPipeline(DiffusionPipeline):
         if output_type == "pil":
             return [PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
         raise UserError(f"output_type={output_type!r} is not one of pil, np, pt, latent")
+
+
+def upscale_for_stage_two(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Stage 1's images (in [-1, 1]) at the upgraded model's resolution: bicubic, antialiased, clamped."""
+    return F.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
 
 
 def _begin_at(scheduler: Any, step: int) -> None:
