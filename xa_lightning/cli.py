@@ -1,7 +1,8 @@
 """Console entry points: xa-train, xa-eval, xa-sample, xa-tables, xa-bench, xa-data.
 
-The Hydra tools compose and validate the config once before Hydra runs, so a typo, a wrong type or a
-missing path is one line on stderr with exit code 2 and no output directory is created.
+The Hydra tools compose and validate the config once before Hydra runs, so a typo, a wrong type, a value
+out of range, a bad sweep value or a missing path is one line on stderr with exit code 2 and no output
+directory is created (docs/reliability.md, "The door").
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from xa_lightning.errors import UserError
 
@@ -25,6 +27,40 @@ def _load(path: str) -> Callable:
     return getattr(importlib.import_module(module_name), attr)
 
 
+def check_paths(cfg: Any, config_name: str) -> None:
+    """What the config points at, before anything runs: ``ckpt_path`` (a whole checkpoint; ``last`` finds
+    one) and the data (``data.urls`` / ``data.root``, unless the demo is written on first use)."""
+    from pathlib import Path
+
+    from omegaconf import DictConfig
+
+    from xa_lightning.config import instantiate
+
+    value = cfg.get("ckpt_path")
+    if value == "last" and config_name == "train":
+        from xa_lightning.train import find_last_checkpoint
+
+        find_last_checkpoint(str(cfg.run_name), report=False)
+    elif value not in (None, "", "last"):
+        from xa_lightning.training.checkpoint_io import unreadable_reason
+
+        path = Path(str(value)).expanduser()
+        if not path.is_file():
+            resume = " or ckpt_path=last" if config_name == "train" else ""
+            raise UserError(f"ckpt_path={value} does not exist; pass an existing .ckpt{resume}")
+        reason = unreadable_reason(path)
+        if reason is not None:
+            raise UserError(
+                f"ckpt_path={value} is not a readable checkpoint ({reason}); pass another one (e.g. a periodic "
+                "step*.ckpt beside it)"
+            )
+    data = cfg.get("data")
+    if isinstance(data, DictConfig) and "_target_" in data:
+        check_source = getattr(instantiate(data), "check_source", None)
+        if callable(check_source):
+            check_source()
+
+
 def run_hydra(config_name: str, task: str, argv: Sequence[str] | None, prog: str) -> int:
     """Pre-check the config, then hand over to Hydra (multirun, launchers, sweepers, output dirs)."""
     import hydra
@@ -37,21 +73,37 @@ def run_hydra(config_name: str, task: str, argv: Sequence[str] | None, prog: str
     wants_info = any(getattr(args, flag, None) for flag in HYDRA_INFO_FLAGS)
     try:
         if not wants_info:
-            cfg = xa_config.compose(config_name, args.overrides)
+            cfg = xa_config.compose(config_name, args.overrides, multirun=args.multirun)
             xa_config.validate(cfg)
+            xa_config.validate_sweeps(cfg, args.overrides)
+            xa_config.check_option_dataclasses(cfg)
+            check_paths(cfg, config_name)
         conf_dir = str(xa_config.config_dir())
     except UserError as exc:
         return _fail(str(exc), prog)
 
     task_fn = _load(task)
     exit_code = {"code": 0}
+    failed_dirs: list[str] = []
 
     def hydra_task(cfg):  # runs once per job
+        from xa_lightning.distributed import prepare_local_ranks
+
+        prepare_local_ranks(prog, saved_argv[0])  # DDP ranks 1..N-1 re-run this job, from this command
         try:
             return task_fn(cfg)
-        except UserError as exc:
-            exit_code["code"] = _fail(str(exc), prog)
-            return None
+        except Exception as exc:
+            # failed.json in the job's directory: xa-tables shows the cell as failed, with this reason.
+            # The exception still reaches Hydra, whose sweepers run the other jobs and report it at the end.
+            from hydra.core.hydra_config import HydraConfig
+
+            from xa_lightning.reporting.runs import write_failure
+
+            failed_dirs.append(str(write_failure(HydraConfig.get().runtime.output_dir, exc).parent))
+            if isinstance(exc, UserError):
+                exit_code["code"] = _fail(str(exc), prog)
+                return None
+            raise
 
     xa_config.register_resolvers()
     main = hydra.main(config_path=conf_dir, config_name=config_name, version_base="1.3")(hydra_task)
@@ -59,8 +111,17 @@ def run_hydra(config_name: str, task: str, argv: Sequence[str] | None, prog: str
     sys.argv = [prog, *argv]
     try:
         main()
+    except SystemExit as exc:  # Hydra exits after --help, and with 1 after a job raised
+        exit_code["code"] = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     finally:
         sys.argv = saved_argv
+    if failed_dirs and args.multirun:
+        import os
+
+        parent = os.path.commonpath(failed_dirs)
+        names = ", ".join(os.path.relpath(d, parent) for d in failed_dirs if d != parent)
+        where = f"{parent}/ ({names})" if names else parent
+        print(f"{prog}: {len(failed_dirs)} job(s) failed; failed.json in {where}", file=sys.stderr)
     return exit_code["code"]
 
 

@@ -6,8 +6,14 @@ before Hydra runs, convert every composition error to one line, and check what H
 
 * required values (``???``) left unset;
 * keys of ``_target_`` nodes that the target does not accept (a typo in a YAML file), with a suggestion;
-* literal values whose type does not match the target's annotation (``trainer.max_steps=abc``);
+* literal values whose type does not match the target's annotation (``trainer.max_steps=abc``), also for
+  options a class takes through ``**kwargs`` from a base class, and every value of a sweep;
+* ranges of common parameters (``lr > 0``, ``max_steps >= -1``, ``batch_size >= 1``: :data:`RANGES`);
 * sections with a dataclass schema (``backbone``).
+
+:func:`check_option_dataclasses` builds every ``_target_`` option dataclass (its ``__post_init__`` checks
+choices and ``init_weights`` paths); the CLI then checks ``ckpt_path`` and the data source
+(``xa_lightning.cli.check_paths``).
 """
 
 from __future__ import annotations
@@ -63,6 +69,9 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("xa.root", lambda: str(repo_root()))
     if not OmegaConf.has_resolver(EXPERIMENT_NAME_RESOLVER):
         OmegaConf.register_new_resolver(EXPERIMENT_NAME_RESOLVER, _experiment_name_of_job)
+    from xa_lightning.reporting import sweeps
+
+    sweeps.register()  # +table=<name>: the tables' runs as config options, and their sweep resolvers
 
 
 # ---------------------------------------------------------------------------------------------- values
@@ -91,15 +100,19 @@ def coerce_options(value: Any, cls: type, key: str) -> Any:
             hint = f" (did you mean {key}.{close[0]}?)" if close else f"; valid keys: {', '.join(sorted(known))}"
             raise UserError(f"{key}.{unknown[0]} is not a setting of {cls.__name__}{hint}")
         return cls(**value)
-    raise TypeError(f"{key}: expected {cls.__name__} or a mapping, got {type(value).__name__}")
+    raise UserError(f"{key}={value!r} must be a mapping of {cls.__name__} settings, not a {type(value).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------- compose
-def _first_of_sweeps(overrides: Iterable[str]) -> list[str]:
-    """Overrides for one job of a sweep: the first value of each sweep; Hydra's own keys dropped."""
+def _first_of_sweeps(overrides: Iterable[str], config_loader: Any = None) -> list[str]:
+    """Overrides for one job of a sweep: the first value of each sweep; Hydra's own keys dropped.
+
+    Every sweep syntax passes (comma lists, ``range``, ``choice``, ``glob`` with a config loader,
+    ``interval`` and ``tag``); the job is composed and validated with the first value it would get.
+    """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    parsed = OverridesParser.create(config_loader=config_loader).parse_overrides(list(overrides))
     result = []
     for override in parsed:
         key = override.get_key_element()
@@ -108,33 +121,84 @@ def _first_of_sweeps(overrides: Iterable[str]) -> list[str]:
         if override.is_interval_sweep():  # an Optuna search space: validate with its lower bound
             result.append(f"{key}={override.value().start}")
         elif override.is_sweep_override():
-            first = next(iter(override.sweep_string_iterator()))
+            first = next(iter(override.sweep_string_iterator()), None)
+            if first is None:  # e.g. a glob that matches no option of the group
+                raise UserError(f"{override.input_line} sweeps over nothing; check the pattern")
             result.append(f"{key}={first}")
         else:
             result.append(override.input_line)
     return result
 
 
-def compose(config_name: str, overrides: Iterable[str] = ()) -> DictConfig:
-    """Compose a config the way the CLI does (for tests and for the pre-check); errors become UserError."""
+def _sweeper_params(cfg: DictConfig) -> list[str]:
+    """``hydra.sweeper.params`` of a composed config as overrides (what the sweeper adds to every job)."""
+    params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None)
+    if not params:
+        return []
+    result = []
+    for key in params:
+        try:
+            value = params[key]
+        except Exception as exc:  # a resolver's UserError arrives wrapped by OmegaConf
+            cause: BaseException | None = exc
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__
+            raise cause or exc from None
+        result.append(f"{key}={value}")
+    return result
+
+
+def _keys(overrides: Iterable[str]) -> set[str]:
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+
+
+def compose(config_name: str, overrides: Iterable[str] = (), multirun: bool = False) -> DictConfig:
+    """Compose a config the way the CLI does (for tests and for the pre-check); errors become UserError.
+
+    ``multirun`` (or ``hydra.mode: MULTIRUN`` in the config): compose the sweep's first job, with the
+    first value of the sweeper's ``params`` too (a table sweep's runs and seeds, an experiment's grid)
+    unless the command line sets the same key, as Hydra's sweepers do.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register_resolvers()
     GlobalHydra.instance().clear()
+    overrides = list(overrides)
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = hydra_compose(
-                config_name=config_name, overrides=_first_of_sweeps(overrides), return_hydra_config=True
-            )
+            loader = GlobalHydra.instance().config_loader()
+            first = _first_of_sweeps(overrides, loader)
+            cfg = hydra_compose(config_name=config_name, overrides=first, return_hydra_config=True)
+            if multirun or str(OmegaConf.select(cfg, "hydra.mode", default="")).endswith("MULTIRUN"):
+                given = _keys(overrides)
+                params = [p for p in _sweeper_params(cfg) if p.split("=", 1)[0].lstrip("+~") not in given]
+                if params:
+                    first = _first_of_sweeps(params, loader) + first
+                    cfg = hydra_compose(config_name=config_name, overrides=first, return_hydra_config=True)
     except UserError:
         raise
     except Exception as exc:  # hydra / omegaconf errors have many types; all become one line
-        raise UserError(one_line(exc)) from exc
+        raise UserError(_unquoted_brace_hint(overrides) or one_line(exc)) from exc
     finally:
         GlobalHydra.instance().clear()
     return _without_hydra_node(cfg)
+
+
+_BRACE_PATTERN = re.compile(r"\{[^{}]*\.\.[^{}]*\}")
+
+
+def _unquoted_brace_hint(overrides: Iterable[str]) -> str | None:
+    """Hydra reads ``{...}`` in an override as a dict: a shard pattern must be quoted inside the override."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and _BRACE_PATTERN.search(value) and not value.startswith(("'", '"')):
+            return (
+                f"{key.lstrip('+~')}={value}: Hydra reads the braces as a dict; quote the pattern inside the "
+                f"override: \"{key}='{value}'\""
+            )
+    return None
 
 
 def _without_hydra_node(cfg: DictConfig) -> DictConfig:
@@ -280,10 +344,7 @@ def _check_target_node(node: DictConfig, path: str) -> None:
         return
     params = signature.parameters
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    try:
-        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
-    except Exception:
-        hints = {}
+    hints = _init_hints(target)
     for key in node:
         key = str(key)
         if key.startswith("_") and key.endswith("_"):
@@ -301,6 +362,54 @@ def _check_target_node(node: DictConfig, path: str) -> None:
             continue
         if not _matches(value, hints[key]):
             raise UserError(f"{path}.{key}={value!r} has the wrong type; expected {_type_name(hints[key])}")
+        _check_range(f"{path}.{key}", key, value)
+
+
+def _init_hints(target: Any) -> dict[str, Any]:
+    """Annotations of a target's parameters, also of those a class passes on to a base class's
+    ``__init__`` through ``**kwargs`` (the data modules' shared options)."""
+    if not inspect.isclass(target):
+        try:
+            return typing.get_type_hints(target)
+        except Exception:
+            return {}
+    hints: dict[str, Any] = {}
+    for klass in reversed(target.__mro__):
+        if "__init__" in vars(klass):
+            try:
+                hints.update(typing.get_type_hints(klass.__init__))
+            except Exception:  # unresolvable annotations: those parameters go unchecked
+                continue
+    return hints
+
+
+# Ranges of parameters that mean the same in every ``_target_`` node: name -> (bound, inclusive).
+RANGES: dict[str, tuple[float, bool]] = {
+    "lr": (0, False),
+    "weight_decay": (0, True),
+    "max_steps": (-1, True),
+    "max_epochs": (-1, True),
+    "batch_size": (1, True),
+    "val_batch_size": (1, True),
+    "num_workers": (0, True),
+    "accumulate_grad_batches": (1, True),
+    "log_every_n_steps": (1, True),
+    "every_n_train_steps": (0, True),
+    "keep_last_k": (-1, True),
+    "max_consecutive": (1, True),
+    "resolution": (8, True),
+    "epoch_samples": (1, True),
+    "shuffle_buffer": (0, True),
+}
+
+
+def _check_range(full_key: str, name: str, value: Any) -> None:
+    if name not in RANGES or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    bound, inclusive = RANGES[name]
+    if value < bound or (value == bound and not inclusive):
+        relation = ">=" if inclusive else ">"
+        raise UserError(f"{full_key}={value} is out of range; set it {relation} {bound}")
 
 
 _SIMPLE = {int, float, bool, str}
@@ -308,6 +417,8 @@ _SIMPLE = {int, float, bool, str}
 
 def _matches(value: Any, annotation: Any) -> bool:
     """True unless the annotation is made of simple types and the value fits none of them."""
+    if typing.get_origin(annotation) is typing.Literal and isinstance(value, (str, int, float, bool)):
+        return value in typing.get_args(annotation)
     options = _simple_options(annotation)
     if options is None:  # not a simple annotation: nothing to check
         return True
@@ -334,6 +445,8 @@ def _simple_options(annotation: Any) -> set | None:
             if arg is type(None):
                 options.add(type(None))
                 continue
+            if _is_tensor_type(arg):  # a tensor cannot be written in a config: the other options apply
+                continue
             sub = _simple_options(arg)
             if sub is None:
                 return None
@@ -344,7 +457,79 @@ def _simple_options(annotation: Any) -> set | None:
     return None
 
 
+def _is_tensor_type(annotation: Any) -> bool:
+    return getattr(annotation, "__module__", "") == "torch" and getattr(annotation, "__name__", "") == "Tensor"
+
+
 def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
     options = _simple_options(annotation) or set()
     names = sorted("None" if o is type(None) else o.__name__ for o in options)
     return " or ".join(names) or str(annotation)
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+def validate_sweeps(cfg: DictConfig, overrides: Iterable[str]) -> None:
+    """Every value of a sweep over a config value (``a=1,2``, ``range``, ``choice``, both ends of an
+    ``interval``) through the same type and range checks as the first one; group sweeps are left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.get_key_element().lstrip("+~")
+        if key.startswith("hydra") or not override.is_sweep_override():
+            continue
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False) if parent_key else cfg
+        if not isinstance(parent, DictConfig) or leaf not in parent:
+            continue
+        current = parent._get_node(leaf)
+        if isinstance(current, (DictConfig, ListConfig)):  # a config group: its options are files
+            continue
+        if override.is_interval_sweep():
+            interval = override.value()
+            values = [interval.start, interval.end]
+        else:
+            values = list(override.sweep_iterator())
+        original = current._value()
+        try:
+            for value in values:
+                with open_dict(parent):
+                    parent[leaf] = value
+                _validate_sweep_value(cfg, parent, parent_key)
+        finally:
+            with open_dict(parent):
+                parent[leaf] = original
+
+
+def _validate_sweep_value(cfg: DictConfig, parent: DictConfig, parent_key: str) -> None:
+    if "_target_" in parent and not OmegaConf.is_interpolation(parent, "_target_"):
+        _check_target_node(parent, parent_key)
+    for key, schema_path in SCHEMAS.items():
+        if parent_key == key or parent_key.startswith(f"{key}."):
+            validate_schema(OmegaConf.select(cfg, key), schema_path, key)
+
+
+# ---------------------------------------------------------------------------------------------- options
+def check_option_dataclasses(node: Any, path: str = "") -> None:
+    """Build every ``_target_`` node that is an option dataclass: its ``__post_init__`` checks choices and
+    paths (``init_weights``) before anything runs. Errors become one-line UserErrors naming the node."""
+    import dataclasses
+
+    from omegaconf.errors import InterpolationResolutionError
+
+    if isinstance(node, DictConfig):
+        if "_target_" in node and not OmegaConf.is_interpolation(node, "_target_"):
+            target = _import(str(node["_target_"]), f"{path}._target_")
+            if dataclasses.is_dataclass(target):
+                try:
+                    instantiate(node)
+                except UserError:
+                    raise
+                except InterpolationResolutionError:  # needs Hydra's runtime (output dir): checked in the job
+                    pass
+                except Exception as exc:
+                    raise UserError(f"{path}: {one_line(exc)}") from exc
+        for key in node:
+            if not (OmegaConf.is_interpolation(node, key) or OmegaConf.is_missing(node, key)):
+                check_option_dataclasses(node._get_node(key), f"{path}.{key}" if path else str(key))

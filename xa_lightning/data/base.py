@@ -75,12 +75,31 @@ class EpochIndexSampler(DistributedSampler):
     """A seeded DistributedSampler (one replica when not distributed) whose indices carry the epoch.
 
     It yields ``index + epoch * len(dataset)`` so that a dataset can derive per-sample randomness from
-    (seed, epoch, index), also in persistent workers that never see ``set_epoch``.
+    (seed, epoch, index), also in persistent workers that never see ``set_epoch``. A training loader
+    (:class:`~xa_lightning.data.resume.ResumableMapLoader`) hands it the epoch's order and where to start
+    in it (:meth:`serve`), so a resumed epoch continues its own order.
     """
 
-    def __iter__(self) -> Iterator[int]:
+    _serving: tuple[list[int], int] | None = None
+    served_before = 0  # indices of the current order skipped by a resumed iteration
+
+    def epoch_indices(self) -> list[int]:
+        """This rank's indices for the current epoch, in order."""
         offset = self.epoch * len(self.dataset)
-        return (int(i) + offset for i in super().__iter__())
+        return [int(i) + offset for i in super().__iter__()]
+
+    def serve(self, order: list[int], start: int) -> None:
+        """The next iteration yields ``order[start:]`` (once)."""
+        self._serving = (order, int(start))
+        self.served_before = int(start)
+
+    def __iter__(self) -> Iterator[int]:
+        serving, self._serving = self._serving, None
+        if serving is None:
+            self.served_before = 0
+            return iter(self.epoch_indices())
+        order, start = serving
+        return iter(order[start:])
 
 
 class EpochLoader(DataLoader):
@@ -252,6 +271,15 @@ class ImageTextDataModule(L.LightningDataModule):
     def _demo_root(self) -> Path | None:
         return None
 
+    def check_source(self) -> None:
+        """Raise UserError if the data is not where the config says (the CLI asks before anything runs);
+        data that will be written as the demo on first use passes."""
+        try:
+            self._check_source()
+        except UserError:
+            if not (self.build_demo_if_missing and self._demo_root() is not None):
+                raise
+
     def setup(self, stage: str | None = None) -> None:
         if os.getpid() != self._owner_pid:
             # a forked rank (ddp_fork / ddp_notebook) shares our memory: it counts and indexes for itself
@@ -293,8 +321,23 @@ class ImageTextDataModule(L.LightningDataModule):
             kwargs["prefetch_factor"] = int(self.prefetch_factor)
         return kwargs
 
+    def batches_taken(self) -> int | None:
+        """Training batches the trainer has taken from the loader this epoch (None without a trainer)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return None
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+    def _resumable(self) -> dict[str, Any]:
+        return dict(
+            counter=self.train_counter, seed=self.seed, epoch_fn=self.current_epoch, taken_fn=self.batches_taken
+        )
+
     def map_loader(self, dataset: Dataset, *, batch_size: int, train: bool) -> DataLoader:
-        """A loader over a map-style dataset: seeded shuffle, split over ranks, equal batches per rank."""
+        """A loader over a map-style dataset: seeded shuffle, split over ranks, equal batches per rank;
+        for training, one whose position a checkpoint saves (:mod:`xa_lightning.data.resume`)."""
+        from xa_lightning.data.resume import ResumableMapLoader, collate_with_counts
+
         rank, world = self.placement()
         n = len(dataset)  # type: ignore[arg-type]
         if n < world * batch_size:
@@ -306,17 +349,27 @@ class ImageTextDataModule(L.LightningDataModule):
         sampler = EpochIndexSampler(
             dataset, num_replicas=world, rank=rank, shuffle=train, seed=self.seed, drop_last=train
         )
-        return DataLoader(
+        if not train:
+            return DataLoader(
+                dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, **self._loader_kwargs()
+            )
+        return ResumableMapLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=collate,
-            drop_last=train,
+            collate_fn=collate_with_counts(self.train_counter),
+            drop_last=True,
+            **self._resumable(),
             **self._loader_kwargs(),
         )
 
-    def iterable_loader(self, dataset: Dataset) -> DataLoader:
-        """A loader over an IterableDataset that yields whole batches itself."""
+    def iterable_loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
+        """A loader over an IterableDataset that yields whole batches itself; for training, one whose
+        position a checkpoint saves."""
+        from xa_lightning.data.resume import ResumableStreamLoader
+
+        if train:
+            return ResumableStreamLoader(dataset, batch_size=None, **self._resumable(), **self._loader_kwargs())
         return EpochLoader(dataset, batch_size=None, epoch_fn=self.current_epoch, **self._loader_kwargs())
 
     # ------------------------------------------------------------------ loaders

@@ -115,6 +115,21 @@ class SampleCounter:
     def reset(self) -> None:
         self._counts.zero_()
 
+    def snapshot(self) -> tuple[int, torch.Tensor]:
+        """(row, that row's counts) of the calling process: what a batch carries so that the counts of
+        the batches training has consumed are known in the main process (resume)."""
+        row = _current_slot() % self.slots
+        return row, self._counts[row].clone()
+
+    def rows(self) -> torch.Tensor:
+        """A copy of every process row."""
+        return self._counts.clone()
+
+    def restore(self, totals: torch.Tensor) -> None:
+        """Continue from ``totals`` (a checkpoint's counts): they go into the owner's row, the others restart."""
+        self._counts.zero_()
+        self._counts[0] = torch.as_tensor(totals, dtype=torch.int64)
+
 
 def as_dict(counts: torch.Tensor) -> dict[str, int]:
     """A totals tensor (as from :meth:`SampleCounter.tensor`) as ``{name: count}`` without zeros."""

@@ -1,7 +1,7 @@
 """LAION subsets as img2dataset writes them: WebDataset tar shards (KEY.jpg, KEY.txt, KEY.json) + parquet.
 
 Reading goes through webdataset's own tar iteration (``gopen``, ``tar_file_iterator``,
-``group_by_keys``, ``_shuffle``), so local paths, ``file:``, ``pipe:`` and ``http(s)://`` shard URLs work.
+``group_by_keys``), so local paths, ``file:``, ``pipe:`` and ``http(s)://`` shard URLs work.
 
 DDP / worker placement. Every (rank, worker) pair is one *slot*. Each epoch the shard list is permuted
 with a generator seeded by (seed, epoch) — the same permutation on every rank — and slot ``s`` reads
@@ -9,7 +9,13 @@ shards ``s, s + n_slots, ...`` of it, re-reading its own shards (in a new order)
 samples before the epoch ends. So within an epoch ranks never read the same shard, every rank yields
 exactly the same number of full batches (``epoch_samples / (world_size * batch_size)``), and the stream
 is a function of the seed (and of world size and worker count). With fewer shards than slots, every
-slot reads all shards and keeps every ``n_slots``-th sample.
+slot reads all shards and keeps every ``n_slots``-th sample. A slot whose own shards give no usable
+sample in a pass reads every shard of the epoch instead (:class:`SlotStream`), so one unreadable shard
+never stops a rank while the others wait for it.
+
+Resume. A slot's stream position is small — pass, shard and sample reached, the shuffle buffer's
+(shard, sample) addresses and generator state — and a checkpoint holds it for every slot
+(``xa_lightning.data.resume``): a resumed epoch re-reads the buffered samples and continues.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from xa_lightning.data.base import EvalItem, ImageTextDataModule, per_rank_batches, plain
 from xa_lightning.data.counters import SampleCounter, SampleSkipped
 from xa_lightning.data.images import DEFAULT_MAX_PIXELS, decode_image, require_caption
+from xa_lightning.data.resume import STATE_KEY
 from xa_lightning.data.transforms import ImageViews, collate, sample_rng
 from xa_lightning.errors import UserError
 
@@ -260,8 +267,161 @@ def raw_caption(raw: Mapping[str, Any], meta: Mapping[str, Any]) -> Any:
     return meta.get("caption")
 
 
+class ShuffleBuffer:
+    """Shuffles raw samples through a buffer of ``size``; each entry keeps its (shard, sample) address,
+    so the buffer's state is a list of addresses plus the generator's state (a resume re-reads them)."""
+
+    def __init__(self, size: int, rng: random.Random | None) -> None:
+        self.size = size if rng is not None else 1
+        self.rng = rng
+        self.items: list[tuple[tuple[int, int], dict[str, Any]]] = []
+
+    def push(self, item: tuple[tuple[int, int], dict[str, Any]]) -> tuple[tuple[int, int], dict[str, Any]] | None:
+        """Add one entry; once the buffer is full, take a random one out."""
+        if self.size <= 1:
+            return item
+        self.items.append(item)
+        return self.pop() if len(self.items) >= self.size else None
+
+    def pop(self) -> tuple[tuple[int, int], dict[str, Any]]:
+        index = self.rng.randrange(len(self.items))
+        self.items[index], self.items[-1] = self.items[-1], self.items[index]
+        return self.items.pop()
+
+
+def _rng_state(rng: random.Random) -> list[Any]:
+    version, internal, gauss_next = rng.getstate()
+    return [version, list(internal), gauss_next]
+
+
+class SlotStream:
+    """One slot's samples for one epoch: passes over its shards, decoded, until the consumer stops.
+
+    :meth:`position` after any sample is a small dict (pass, shard and sample reached, the shuffle buffer's
+    addresses and generator state, samples produced) from which a new stream continues exactly there.
+    A pass in which the slot's own shards give no usable sample is followed by passes over every shard of
+    the epoch (``borrowed``): one unreadable shard never leaves a rank without data. Only when no shard of
+    the epoch has a usable sample does the stream raise, and then it does so on every slot alike.
+    """
+
+    def __init__(self, shards: LaionShards, epoch: int, slot: int, slots: int, start: Mapping[str, Any] | None = None):
+        self.shards, self.epoch, self.slot, self.slots = shards, epoch, slot, slots
+        start = dict(start or {})
+        self.cycle = int(start.get("cycle", 0))
+        self.borrowed = bool(start.get("borrowed", False))
+        self.shard = int(start.get("shard", 0))
+        self.sample = int(start.get("sample", 0))
+        self.index = int(start.get("index", 0))
+        self.produced = int(start.get("produced", 0))
+        self._buffered = [(int(s), int(j)) for s, j in start.get("buffer", [])]
+        self._rng_state = start.get("rng")
+        self.buffer = ShuffleBuffer(1, None)
+
+    def position(self) -> dict[str, Any]:
+        return {
+            "cycle": self.cycle,
+            "borrowed": self.borrowed,
+            "shard": self.shard,
+            "sample": self.sample,
+            "index": self.index,
+            "produced": self.produced,
+            "buffer": [list(address) for address, _ in self.buffer.items],
+            "rng": _rng_state(self.buffer.rng) if self.buffer.rng is not None else None,
+        }
+
+    def pass_urls(self) -> tuple[list[str], bool]:
+        """This pass's shards, and whether the slot keeps only every n-th sample of them."""
+        shards = self.shards
+        order = list(shards.urls)
+        if shards.shuffle:
+            random.Random(f"{shards.seed}:{self.epoch}").shuffle(order)  # the same permutation on every rank
+        if self.borrowed:
+            first = self.slot % len(order)
+            mine, by_sample = order[first:] + order[:first], False
+        else:
+            by_sample = len(order) < self.slots
+            mine = order if by_sample else order[self.slot :: self.slots]
+        if self.cycle and shards.shuffle:
+            # later passes of an epoch re-read this slot's own shards (new order), never another rank's
+            random.Random(f"{shards.seed}:{self.epoch}:{self.slot}:{self.cycle}").shuffle(mine)
+        return mine, by_sample
+
+    def raw_pass(self) -> Iterator[dict[str, Any]]:
+        """One pass over this slot's raw samples of the split (buffer-shuffled when ``shuffle``), from the
+        current position. The buffer holds raw bytes (decoding happens after it) and drains at the end of
+        the pass, so a sample never meets its own repeat from the next pass in the buffer."""
+        shards = self.shards
+        urls, by_sample = self.pass_urls()
+        rng = None
+        if shards.shuffle and shards.shuffle_buffer > 1:
+            rng = random.Random(f"{shards.seed}:{self.epoch}:{self.slot}:{self.cycle}:buffer")
+            if self._rng_state is not None:
+                version, internal, gauss_next = self._rng_state
+                rng.setstate((version, tuple(internal), gauss_next))
+        self.buffer = ShuffleBuffer(shards.shuffle_buffer, rng)
+        if self._buffered:
+            self.buffer.items = shards.reread(urls, self._buffered)
+        self._buffered, self._rng_state = [], None
+
+        reader = ShardReader(shards.counter, shards.use_parquet, shards._parquet_cache)
+        for shard in range(self.shard, len(urls)):
+            self.shard, skip = shard, self.sample
+            # the part of the shard read before the stop was counted then: re-read it without counting
+            reader.counter = SampleCounter(1) if skip else shards.counter
+            for sample_index, raw in enumerate(reader.samples([urls[shard]])):
+                if sample_index < skip:
+                    continue
+                reader.counter = shards.counter
+                self.sample = sample_index + 1
+                self.index += 1
+                if by_sample and (self.index - 1) % self.slots != self.slot:
+                    continue
+                if not shards.in_split(sample_key(raw)):
+                    continue
+                out = self.buffer.push(((shard, sample_index), raw))
+                if out is not None:
+                    yield out[1]
+            self.shard, self.sample = shard + 1, 0
+        while self.buffer.items:
+            yield self.buffer.pop()[1]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        shards = self.shards
+        while True:
+            for raw in self.raw_pass():
+                try:
+                    sample = shards.decode(raw, self.epoch)
+                except SampleSkipped as exc:
+                    shards.counter.skip(exc)
+                    continue
+                self.produced += 1
+                yield sample
+            if not shards.cycle:
+                return
+            if self.produced:
+                self.cycle += 1
+            elif not self.borrowed:
+                log.warning(
+                    "data: the %s shards of slot %d hold no usable sample this epoch; it reads every shard instead",
+                    shards.split,
+                    self.slot,
+                )
+                self.borrowed = True
+            else:
+                counts = ", ".join(f"{k}={v}" for k, v in sorted(shards.counter.totals().items())) or "none"
+                raise UserError(
+                    f"data.urls: none of the {len(shards.urls)} {shards.split} shards (e.g. {shards.urls[0]}) "
+                    f"holds a usable sample (counts: {counts}); check the shards, data.filters and data.val_fraction"
+                )
+            self.shard = self.sample = self.index = self.produced = 0
+
+
 class LaionShards(IterableDataset):
-    """Batches (or single samples) from img2dataset shards; see the module docstring for placement."""
+    """Batches (or single samples) from img2dataset shards; see the module docstring for placement.
+
+    With ``resumable`` every batch carries its slot's stream position (``STATE_KEY``), which the training
+    loader keeps; :meth:`continue_from` makes the next iteration of an epoch continue those positions.
+    """
 
     def __init__(
         self,
@@ -283,6 +443,7 @@ class LaionShards(IterableDataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         use_parquet: bool = True,
         partial: bool = False,
+        resumable: bool = False,
     ) -> None:
         super().__init__()
         if not urls:
@@ -303,8 +464,10 @@ class LaionShards(IterableDataset):
         self.max_pixels = int(max_pixels)
         self.use_parquet = use_parquet
         self.partial = partial
+        self.resumable = resumable
         self._epoch_base = 0
         self._iterations = 0
+        self._continue: dict[str, Any] = {}
         self._parquet_cache: dict[str, dict[str, dict[str, Any]]] = {}
 
     def set_epoch(self, epoch: int) -> None:
@@ -313,59 +476,50 @@ class LaionShards(IterableDataset):
         self._epoch_base = int(epoch)
         self._iterations = 0
 
+    def continue_from(self, epoch: int, positions: Mapping[int, Mapping[str, Any]], rotation: int) -> None:
+        """In ``epoch``, slot s continues from ``positions[s]`` (others from the epoch's start) and worker w
+        plays the slot of worker ``(w + rotation) % workers`` (the round-robin order a resume must keep)."""
+        self._continue = {"epoch": int(epoch), "positions": dict(positions), "rotation": int(rotation)}
+
     # ---------------------------------------------------------------- placement
-    def _slot(self) -> tuple[int, int, int, int]:
+    def _slot(self, rotation: int) -> tuple[int, int, int, int]:
+        """(slot, slots, this worker's place among the rank's workers, workers)."""
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        return self.rank * workers + worker, self.world_size * workers, worker, workers
+        place = (worker + rotation) % workers
+        return self.rank * workers + place, self.world_size * workers, place, workers
 
-    def _my_batches(self, worker: int, workers: int) -> int | None:
+    def _my_batches(self, place: int, workers: int) -> int | None:
         if self.batches_per_rank is None:
             return None
         base, extra = divmod(self.batches_per_rank, workers)
-        return base + (1 if worker < extra else 0)
+        return base + (1 if place < extra else 0)
 
-    def _in_split(self, key: str) -> bool:
+    def in_split(self, key: str) -> bool:
         if self.val_fraction <= 0:
             return True
         held_out = holdout_value(key) < self.val_fraction
         return held_out if self.split == "val" else not held_out
 
     # ---------------------------------------------------------------- stream
-    def _assigned(self, epoch: int, slot: int, slots: int) -> tuple[list[str], bool]:
-        """This slot's shards for the epoch, and whether it must take every n-th sample instead."""
-        order = list(self.urls)
-        if self.shuffle:
-            random.Random(f"{self.seed}:{epoch}").shuffle(order)  # the same permutation on every rank
-        by_sample = len(order) < slots
-        return (order if by_sample else order[slot::slots]), by_sample
+    def reread(self, urls: Sequence[str], addresses: Sequence[tuple[int, int]]) -> list[tuple[tuple[int, int], dict]]:
+        """The raw samples at (shard, sample) ``addresses`` of ``urls``, in that order (a resumed shuffle
+        buffer); reading them again counts nothing. Samples that cannot be read any more are left out."""
+        wanted = set(addresses)
+        found: dict[tuple[int, int], dict[str, Any]] = {}
+        reader = ShardReader(SampleCounter(1), self.use_parquet, self._parquet_cache)
+        for shard in sorted({s for s, _ in wanted}):
+            last = max(j for s, j in wanted if s == shard)
+            for sample_index, raw in enumerate(reader.samples([urls[shard]])):
+                if (shard, sample_index) in wanted:
+                    found[(shard, sample_index)] = raw
+                if sample_index >= last:
+                    break
+        return [(address, found[address]) for address in addresses if address in found]
 
-    def raw_stream(self, epoch: int, slot: int, slots: int, cycle: int = 0) -> Iterator[dict[str, Any]]:
-        """One pass over this slot's raw samples of the split (buffer-shuffled when ``shuffle``).
-
-        The shuffle buffer holds raw bytes (decoding happens after it) and drains at the end of the
-        pass, so a sample never meets its own repeat from the next pass in the buffer.
-        """
-        from webdataset.filters import _shuffle
-
-        reader = ShardReader(self.counter, self.use_parquet, self._parquet_cache)
-        mine, by_sample = self._assigned(epoch, slot, slots)
-        if cycle and self.shuffle:
-            # later passes of an epoch re-read this slot's own shards (new order), never another rank's
-            random.Random(f"{self.seed}:{epoch}:{slot}:{cycle}").shuffle(mine)
-
-        def selected() -> Iterator[dict[str, Any]]:
-            for index, raw in enumerate(reader.samples(mine)):
-                if by_sample and index % slots != slot:
-                    continue
-                if self._in_split(sample_key(raw)):
-                    yield raw
-
-        stream: Iterator[dict[str, Any]] = selected()
-        if self.shuffle and self.shuffle_buffer > 1:
-            rng = random.Random(f"{self.seed}:{epoch}:{slot}:{cycle}:buffer")
-            stream = _shuffle(stream, self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)
-        yield from stream
+    def raw_stream(self, epoch: int, slot: int, slots: int) -> Iterator[dict[str, Any]]:
+        """One pass over a slot's raw samples of the split (the evaluation set reads them in order)."""
+        return SlotStream(self, epoch, slot, slots).raw_pass()
 
     def decode(self, raw: Mapping[str, Any], epoch: int) -> dict[str, Any]:
         """One training sample from a raw tar group; raises SampleSkipped."""
@@ -385,47 +539,36 @@ class LaionShards(IterableDataset):
         sample["key"] = key
         return sample
 
-    def samples(self, epoch: int, slot: int, slots: int) -> Iterator[dict[str, Any]]:
-        """Decoded samples of this slot: one pass, or passes until the consumer stops (``cycle``)."""
-        for cycle in itertools.count():
-            produced = 0
-            for raw in self.raw_stream(epoch, slot, slots, cycle):
-                try:
-                    sample = self.decode(raw, epoch)
-                except SampleSkipped as exc:
-                    self.counter.skip(exc)
-                    continue
-                produced += 1
-                yield sample
-            if not self.cycle:
-                return
-            if produced == 0:
-                mine, _ = self._assigned(epoch, slot, slots)
-                counts = ", ".join(f"{k}={v}" for k, v in sorted(self.counter.totals().items())) or "none"
-                raise UserError(
-                    f"data.urls: the {self.split} shards of this process ({len(mine)} of "
-                    f"{len(self.urls)}, e.g. {mine[0] if mine else self.urls[0]}) hold no usable "
-                    f"samples (counts: {counts}); check the shards, data.filters and data.val_fraction"
-                )
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        slot, slots, worker, workers = self._slot()
         epoch = self._epoch_base + self._iterations
         self._iterations += 1
-        stream = self.samples(epoch, slot, slots)
-        wanted = self._my_batches(worker, workers)
-        if wanted == 0:  # more workers than batches: this one has nothing to do this epoch
+        resume = self._continue if self._continue.get("epoch") == epoch else {}
+        slot, slots, place, workers = self._slot(resume.get("rotation", 0))
+        start = resume.get("positions", {}).get(slot)
+        stream = SlotStream(self, epoch, slot, slots, start)
+        wanted = self._my_batches(place, workers)
+        produced = int(start["batches"]) if start else 0
+        if wanted is not None and produced >= wanted:  # more workers than batches, or a finished slot
             return
-        produced = 0
         batch: list[dict[str, Any]] = []
         for sample in stream:
             batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield collate(batch)
-                batch = []
-                produced += 1
-                if wanted is not None and produced >= wanted:
-                    return
+            if len(batch) < self.batch_size:
+                continue
+            out = collate(batch)
+            batch = []
+            produced += 1
+            if self.resumable:
+                row, counts = self.counter.snapshot()
+                out[STATE_KEY] = {
+                    "slot": slot,
+                    "position": {**stream.position(), "batches": produced},
+                    "row": row,
+                    "counts": counts,
+                }
+            yield out
+            if wanted is not None and produced >= wanted:
+                return
         if batch and self.partial:
             yield collate(batch)
 
@@ -569,6 +712,7 @@ class LaionDataModule(ImageTextDataModule):
         rank: int,
         world: int,
         partial: bool = False,
+        resumable: bool = False,
     ) -> LaionShards:
         urls = self.val_urls if (split == "val" and self.val_urls) else self.train_urls
         return LaionShards(
@@ -589,6 +733,7 @@ class LaionDataModule(ImageTextDataModule):
             max_pixels=self.max_pixels,
             use_parquet=self.use_parquet,
             partial=partial,
+            resumable=resumable,
         )
 
     def _train_dataset(self) -> LaionShards:
@@ -603,6 +748,7 @@ class LaionDataModule(ImageTextDataModule):
             cycle=True,
             rank=rank,
             world=world,
+            resumable=True,
         )
 
     def _val_dataset(self) -> LaionShards:
@@ -630,10 +776,10 @@ class LaionDataModule(ImageTextDataModule):
         )
 
     def _make_train_loader(self):
-        return self.iterable_loader(self._train_dataset())
+        return self.iterable_loader(self._train_dataset(), train=True)
 
     def _make_val_loader(self):
-        return self.iterable_loader(self._val_dataset())
+        return self.iterable_loader(self._val_dataset(), train=False)
 
     # ---------------------------------------------------------------- eval / cache
     def _eval_stream(self) -> Iterator[EvalItem]:
@@ -648,7 +794,7 @@ class LaionDataModule(ImageTextDataModule):
             rank=0,
             world=1,
         )
-        for raw in dataset.raw_stream(0, 0, 1, 0):
+        for raw in dataset.raw_stream(0, 0, 1):
             try:
                 meta = sample_metadata(raw)
                 dataset.filters.check(meta)

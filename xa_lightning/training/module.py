@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from xa_lightning.errors import UserError
+from xa_lightning.runtime import gather_per_rank, own_part
+from xa_lightning.training.rng import capture_rng, restore_rng
 from xa_lightning.weights import read_state_dict
 
 # sampler(prompts, seeds, references) -> uint8 images (B, 3, H, W)
@@ -31,7 +33,9 @@ class AdapterModule(L.LightningModule):
 
     Checkpoints hold only the adapter's state (plus optimizer/loop state from Lightning) and a record of
     the method and backbones, so a checkpoint of another method or backbone is refused with a clear
-    message instead of half-loading.
+    message instead of half-loading. They also hold every rank's random generators (torch CPU / CUDA,
+    numpy, python and :meth:`rng_generators`), restored when training resumes (``on_train_start``:
+    subclasses that override it call ``super().on_train_start()``), and never a non-finite weight.
     """
 
     method: ClassVar[str] = ""
@@ -50,6 +54,7 @@ class AdapterModule(L.LightningModule):
         self.samples_seen = 0
         # Set by the CLI: the composed run config, stored in checkpoints so xa-eval / xa-sample can rebuild.
         self.run_config: dict[str, Any] | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ backbones
     def add_backbone(self, name: str, backbone: nn.Module) -> nn.Module:
@@ -80,9 +85,28 @@ class AdapterModule(L.LightningModule):
         """Name -> sampler; the first is the method itself, the others are its baselines."""
         raise NotImplementedError
 
+    def adapted_prediction(self, batch: Mapping[str, Any], strength: float, seed: int = 0) -> torch.Tensor:
+        """The prediction of the model the adapter changes, on one training batch, with the adapter's effect
+        scaled by ``strength`` (0: none, 1: as trained); noise and timesteps drawn from ``seed``.
+
+        Every method implements it and :meth:`frozen_prediction`: the conformance suite (tests/conformance)
+        requires ``strength=0`` to equal the frozen model bit for bit, and a changed adapter to change it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement adapted_prediction")
+
+    def frozen_prediction(self, batch: Mapping[str, Any], seed: int = 0) -> torch.Tensor:
+        """The same prediction as :meth:`adapted_prediction` by the frozen model alone (nothing of the method
+        installed or applied), from the same noise, timesteps and conditioning."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement frozen_prediction")
+
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups; override for per-group learning rates."""
         return [{"params": [p for p in self.adapter.parameters() if p.requires_grad], "name": "adapter"}]
+
+    def rng_generators(self) -> dict[str, torch.Generator]:
+        """Generators the method draws training randomness from besides the global ones (name -> generator);
+        checkpoints save and restore their states. Override when the method owns any."""
+        return {}
 
     # ------------------------------------------------------------------ training loop
     @staticmethod
@@ -98,10 +122,12 @@ class AdapterModule(L.LightningModule):
         loss, logs = self.compute_loss(batch)
         batch_size = self.batch_size_of(batch)
         self.samples_seen += batch_size * self.trainer.world_size
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        # Averaged over the ranks (every rank logs the same keys): the logged curve and the summary line are
+        # the run's, not whichever rank wrote last. samples_seen is already the total over the ranks.
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log("train/samples_seen", float(self.samples_seen), batch_size=batch_size)
         for key, value in logs.items():
-            self.log(f"train/{key}", value, batch_size=batch_size)
+            self.log(f"train/{key}", value, batch_size=batch_size, sync_dist=True)
         return loss
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -153,11 +179,31 @@ class AdapterModule(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite(checkpoint.get("state_dict", {}), what="checkpoint")
         checkpoint["xa"] = self.checkpoint_metadata()
+        checkpoint["xa_rng"] = gather_per_rank(capture_rng(self.rng_generators()))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_compatible(checkpoint.get("xa"), source="checkpoint")
         self.samples_seen = int(checkpoint["xa"].get("samples_seen", 0))
+        self._rng_to_restore = own_part(checkpoint.get("xa_rng"), "the random generators' state")
+
+    def on_train_start(self) -> None:
+        # As late as possible: whatever setup drew from the generators after the checkpoint was loaded
+        # (callbacks, loader creation) must not shift the training steps' draws.
+        if self._rng_to_restore is not None:
+            restore_rng(self._rng_to_restore, self.rng_generators())
+            self._rng_to_restore = None
+
+    def check_finite(self, state: Mapping[str, Any], what: str) -> None:
+        """Refuse to write non-finite weights (a diverged run must not overwrite a good checkpoint)."""
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                step = getattr(getattr(self, "_trainer", None), "global_step", "?")
+                raise UserError(
+                    f"the adapter's weights are not finite at step {step} ({key}); the {what} is not written "
+                    "and the previous one is kept; resume from it with a lower method.optimizer.lr"
+                )
 
     def check_compatible(self, meta: Mapping[str, Any] | None, source: str) -> None:
         """Refuse state written for another method or other backbones (one clear line)."""
@@ -180,6 +226,7 @@ class AdapterModule(L.LightningModule):
     def export_adapter(self, directory: str | Path) -> Path:
         """Write the adapter as ``save_pretrained`` safetensors plus our metadata file."""
         directory = Path(directory)
+        self.check_finite(self.adapter.state_dict(), what="adapter export")
         self.adapter.save_pretrained(directory, safe_serialization=True)
         meta = {k: v for k, v in self.checkpoint_metadata().items() if k != "config"}
         (directory / ADAPTER_META_FILE).write_text(json.dumps(meta, indent=2))
