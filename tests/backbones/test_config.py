@@ -17,6 +17,7 @@ OPTIONS = [
     f"{family}{suffix}" for family in ("sd15", "sdxl", "pixart_alpha") for suffix in ("", "_tiny", "_full_shape")
 ]
 KEYS = {"family", "flavour", "path", "seed", "dtype", "vae_dtype", "variant", "revision"}
+KEYS |= {"attention", "channels_last", "compile"}  # speed levers
 
 
 def compose_backbone(option: str, *overrides: str):

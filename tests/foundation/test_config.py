@@ -76,7 +76,7 @@ def test_gpu_trainer_configs_name_real_strategies():
         params = inspect.signature(lp.Trainer).parameters
         assert all(k in params for k in cfg if not k.startswith("_"))
     fsdp = compose_train("trainer=fsdp").trainer.strategy
-    assert instantiate(fsdp).__class__.__name__ == "FSDPStrategy"
+    assert instantiate(fsdp).__class__.__name__ == "FrozenFSDPStrategy"
 
 
 def test_slurm_launcher_config_matches_submitit_schema():

@@ -11,7 +11,7 @@ from xa_lightning.methods.x_adapter import bench
 def test_bench_reports_training_and_sampling_ratios(capsys):
     assert BENCHMARKS["x-adapter"] == "xa_lightning.methods.x_adapter.bench:main"
     # one timed step and two sampling steps keep the test short; the JSON is what is checked, not the speed
-    assert bench.main(["--steps", "1", "--sample-steps", "2", "--batch-size", "1"]) == 0
+    assert bench.main(["--steps", "1", "--sample-steps", "2", "--batch-size", "1", "--levers", "none"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["benchmark"] == "x-adapter" and result["device"].startswith("cpu")
     assert result["flavour"] == "tiny" and result["mapper_params_m"] > 0

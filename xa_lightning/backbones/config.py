@@ -10,6 +10,7 @@ from xa_lightning.errors import UserError
 FAMILY_NAMES = ("sd15", "sdxl", "pixart_alpha")
 FLAVOURS = ("tiny", "full_shape", "pretrained")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
+ATTENTION_NAMES = ("sdpa", "math")
 
 
 @dataclass
@@ -20,6 +21,11 @@ class BackboneConfig:
     diffusers directory (pretrained only; None = the family's official id). ``seed``: init seed (tiny,
     full_shape). ``dtype``: fp32 | fp16 | bf16 for denoiser and text encoders; ``vae_dtype``: the VAE's (None =
     dtype). ``variant`` / ``revision``: passed to ``from_pretrained`` (e.g. variant=fp16).
+    Speed / memory levers (every method gets them through its backbones; ``xa-bench`` measures them):
+    ``attention``: sdpa (PyTorch's fused scaled-dot-product attention, diffusers' default) | math (plain
+    matmul-softmax-matmul, the reference); ``channels_last``: UNet / VAE convolutions in NHWC memory layout
+    (faster convolutions on tensor-core GPUs); ``compile``: ``torch.compile`` the frozen denoiser's forward
+    (compiled at its first call, with the method's processors and hooks inside it).
     The lead's validator merges user configs into this dataclass (OmegaConf.structured) to reject unknown keys
     and wrong types; ``__post_init__`` rejects wrong values, naming the key.
     """
@@ -32,6 +38,9 @@ class BackboneConfig:
     vae_dtype: str | None = None
     variant: str | None = None
     revision: str | None = None
+    attention: str = "sdpa"
+    channels_last: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in FAMILY_NAMES:
@@ -51,6 +60,13 @@ class BackboneConfig:
                 f"backbone.path is only used with backbone.flavour=pretrained (flavour is {self.flavour}); "
                 "set backbone.path=null or backbone.flavour=pretrained"
             )
+        if self.attention not in ATTENTION_NAMES:
+            raise UserError(
+                f"backbone.attention={self.attention!r} is unknown; use one of {', '.join(ATTENTION_NAMES)}"
+            )
+        for key in ("channels_last", "compile"):
+            if not isinstance(getattr(self, key), bool):
+                raise UserError(f"backbone.{key}={getattr(self, key)!r} must be true or false")
         for key in ("path", "variant", "revision"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):

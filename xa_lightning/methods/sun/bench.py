@@ -7,7 +7,14 @@ backbone in the same process, alternating, median over repeats. The UNet evaluat
 counted with a forward hook: 50 (25 steps x 2 for CFG) vs 4, so the ideal speed-up is 12.5x; on a tiny
 CPU model per-call overhead and the CFG batch costing less than 2x keep it lower, on a real-size GPU
 model the UNet dominates. Runs the tiny backbone on the CPU, and the full-shape SD1.5 (real
-architecture, random weights) on the GPU when there is one. The last output line is one JSON object.
+architecture, random weights) on the GPU when there is one (``--runs full_shape@cpu --resolution 256``
+measures it on a CPU in minutes). The last output line is one JSON object.
+
+Besides the end-to-end ``ratio`` (text encoding and VAE decoding included, where a tiny model spends its
+time), each call is timed from the start of its first UNet evaluation to the end of its last: the denoising
+loop, which is what SUN changes. ``denoise_ratio`` = the teacher's loop / SUN's loop (the paper's claim,
+bounded by ``bound`` = UNet evaluations 50 / 4 = 12.5); ``adapter_overhead`` = SUN's loop / the bare UNet's
+loop with the same 4-step schedule, no CFG and no adapter (what the adapter itself costs; target <= 1.05).
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from typing import Any
 
 import torch
 
-TARGET_RATIO = 10.0
+TARGET_RATIO = 10.0  # denoise_ratio on a full-shape model on a GPU (bound: 12.5)
+OVERHEAD_TARGET = 1.05  # SUN's 4 steps at most 5 % slower than the bare UNet's
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 NEGATIVE = "worst quality, low quality, blurry, watermark, text"
 
@@ -31,19 +39,47 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-class _EvalCounter:
-    """UNet evaluations = batch elements seen by the UNet's forward."""
+class _UNetClock:
+    """UNet evaluations (batch elements seen by the UNet's forward) and the denoising loop's duration: from the
+    start of the first UNet call to the end of the last (CUDA events on a GPU, so the loop is not synchronised)."""
 
-    def __init__(self, unet: torch.nn.Module) -> None:
+    def __init__(self, unet: torch.nn.Module, device: str) -> None:
         self.evaluations = 0
-        self.handle = unet.register_forward_hook(self._record, with_kwargs=True)
+        self.device = device
+        self.first: Any = None
+        self.last: Any = None
+        self.handles = [
+            unet.register_forward_pre_hook(self._start, with_kwargs=True),
+            unet.register_forward_hook(self._record, with_kwargs=True),
+        ]
+
+    def _now(self) -> Any:
+        if self.device.startswith("cuda"):
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _start(self, module: Any, args: Any, kwargs: Any) -> None:
+        if self.first is None:
+            self.first = self._now()
 
     def _record(self, module: Any, args: Any, kwargs: Any, out: Any) -> None:
         sample = args[0] if args else kwargs["sample"]
         self.evaluations += int(sample.shape[0])
+        self.last = self._now()
+
+    def loop_seconds(self) -> float:
+        """After the call has been synchronised."""
+        if self.first is None:
+            return 0.0
+        if self.device.startswith("cuda"):
+            return self.first.elapsed_time(self.last) / 1000
+        return self.last - self.first
 
     def close(self) -> None:
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
 
 def run_one(
@@ -56,6 +92,7 @@ def run_one(
     student_steps: int,
     guidance_scale: float,
     warmup: int = 1,
+    resolution: int | None = None,
 ) -> dict[str, Any]:
     from xa_lightning.backbones import build_backbone
     from xa_lightning.methods.sun.adapter import SUNAdapter
@@ -74,6 +111,9 @@ def run_one(
     for pipe in (teacher, student):
         pipe.set_progress_bar_config(disable=True)
     prompts, negatives = [PROMPT] * batch_size, [NEGATIVE] * batch_size
+    size = {"height": resolution or backbone.resolution, "width": resolution or backbone.resolution}
+    with torch.no_grad():  # the bare UNet's prompt, encoded as the pipelines do
+        bare_embeds = teacher.encode_prompt(prompts, unet.device, 1, False)[0]
 
     def teacher_call() -> None:
         teacher(
@@ -83,40 +123,65 @@ def run_one(
             guidance_scale=guidance_scale,
             generator=torch.Generator("cpu").manual_seed(0),
             output_type="pil",
+            **size,
         )
 
     def student_call() -> None:
-        student(prompts, negative_prompt=negatives, generator=torch.Generator("cpu").manual_seed(0), output_type="pil")
+        student(
+            prompts,
+            negative_prompt=negatives,
+            generator=torch.Generator("cpu").manual_seed(0),
+            output_type="pil",
+            **size,
+        )
 
-    def timed(call: Any, with_sun: bool) -> tuple[float, int]:
+    def bare_call() -> None:  # SUN's pipeline and 4-step schedule, without the adapter: the loop alone is timed
+        student.pipe(
+            prompt_embeds=bare_embeds,
+            guidance_scale=1.0,
+            num_inference_steps=student_steps,
+            generator=torch.Generator("cpu").manual_seed(0),
+            output_type="latent",
+            **size,
+        )
+
+    def timed(call: Any, with_sun: bool) -> tuple[float, float, int]:
+        """(seconds end to end, seconds of the denoising loop, UNet evaluations)"""
         (adapter.install if with_sun else adapter.uninstall)(unet)
-        counter = _EvalCounter(unet)
+        clock = _UNetClock(unet, device)
         _sync(device)
         start = time.perf_counter()
         with torch.no_grad():
             call()
         _sync(device)
         elapsed = time.perf_counter() - start
-        counter.close()
-        return elapsed, counter.evaluations
+        clock.close()
+        return elapsed, clock.loop_seconds(), clock.evaluations
 
     for _ in range(warmup):  # allocations, kernels, lazy init
         timed(teacher_call, False)
         timed(student_call, True)
-    teacher_times, student_times = [], []
+        timed(bare_call, False)
+    teacher_times, student_times, teacher_loops, student_loops, bare_loops = [], [], [], [], []
     teacher_evals = student_evals = 0
-    for _ in range(repeats):
-        seconds, teacher_evals = timed(teacher_call, False)
+    for _ in range(repeats):  # alternating, so a slower spell of a shared machine hits all three alike
+        seconds, loop, teacher_evals = timed(teacher_call, False)
         teacher_times.append(seconds)
-        seconds, student_evals = timed(student_call, True)
+        teacher_loops.append(loop)
+        seconds, loop, student_evals = timed(student_call, True)
         student_times.append(seconds)
+        student_loops.append(loop)
+        bare_loops.append(timed(bare_call, False)[1])
     teacher_s = statistics.median(teacher_times) / batch_size
     student_s = statistics.median(student_times) / batch_size
+    teacher_loop_s = statistics.median(teacher_loops) / batch_size
+    student_loop_s = statistics.median(student_loops) / batch_size
+    bare_loop_s = statistics.median(bare_loops) / batch_size
     return {
         "backbone": backbone.id,
         "device": device_name(device),
         "dtype": dtype,
-        "resolution": backbone.resolution,
+        "resolution": size["height"],
         "batch_size": batch_size,
         "repeats": repeats,
         "teacher": f"DPM-Solver++ {teacher_steps} steps, CFG {guidance_scale}",
@@ -127,6 +192,11 @@ def run_one(
         "sun_unet_evals_per_image": student_evals / batch_size,
         "bound": (teacher_evals / max(student_evals, 1)),
         "ratio": teacher_s / student_s,
+        "teacher_denoise_s_per_image": teacher_loop_s,
+        "sun_denoise_s_per_image": student_loop_s,
+        "bare_unet_denoise_s_per_image": bare_loop_s,
+        "denoise_ratio": teacher_loop_s / student_loop_s,
+        "adapter_overhead": student_loop_s / bare_loop_s,
     }
 
 
@@ -241,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--teacher-steps", type=int, default=25)
     parser.add_argument("--student-steps", type=int, default=4)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--resolution", type=int, default=None, help="pixels (default: the backbone's native)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument(
         "--train",
@@ -275,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.student_steps,
             args.guidance_scale,
             args.warmup,
+            args.resolution,
         )
         print(json.dumps(result), flush=True)
         results.append(result)
@@ -290,8 +362,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sun_unet_evals_per_image": headline["sun_unet_evals_per_image"],
         "bound": headline["bound"],
         "ratio": headline["ratio"],
-        "target": TARGET_RATIO,
-        "meets_target": headline["ratio"] >= TARGET_RATIO,
+        "denoise_ratio": headline["denoise_ratio"],
+        "adapter_overhead": headline["adapter_overhead"],
+        "resolution": headline["resolution"],
+        "target": TARGET_RATIO,  # the paper's claim is about the denoising loop
+        "meets_target": headline["denoise_ratio"] >= TARGET_RATIO,
+        "adapter_overhead_target": OVERHEAD_TARGET,
+        "meets_adapter_overhead_target": headline["adapter_overhead"] <= OVERHEAD_TARGET,
         "runs": results,
     }
     print(json.dumps(summary))
