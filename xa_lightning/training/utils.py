@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,3 +34,14 @@ def check_init_weights(path: str | None, required: bool, key: str, expected: str
     if not resolved.exists():
         raise UserError(f"{key}={path} does not exist; point it to {expected}")
     return resolved
+
+
+def seeded_noisy_latents(scheduler: Any, latents: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(noisy latents, timesteps)`` with noise and timesteps drawn from ``seed`` instead of the global RNG, so a
+    probe of the model (``adapted_prediction`` / ``frozen_prediction``) repeats exactly and leaves training's
+    random stream alone."""
+    generator = torch.Generator().manual_seed(int(seed))
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    steps = scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(latents.device)
+    return scheduler.add_noise(latents, noise, timesteps), timesteps

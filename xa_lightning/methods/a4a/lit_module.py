@@ -53,6 +53,7 @@ from xa_lightning.plugins.ip_adapter import (
     read_ip_adapter,
 )
 from xa_lightning.training import AdapterModule
+from xa_lightning.training.utils import seeded_noisy_latents
 
 BASE_FAMILIES = ("sd15",)
 
@@ -362,6 +363,38 @@ class A4AModule(A4ASampling, AdapterModule):
         target = noise if upgraded.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
         loss = F.mse_loss(prediction.float(), target.float())
         return loss, {"image_dropped": drop_image.float().mean(), "text_dropped": drop_text.float().mean()}
+
+    def _probe_inputs(self, batch: Mapping[str, Any], seed: int) -> tuple[Tensor, Tensor, TextConditioning, Any]:
+        """Noisy latents, timesteps, text and micro-conditioning of one batch, drawn from ``seed`` (no dropout)."""
+        upgraded = self.upgraded
+        with torch.no_grad():
+            latents = (
+                batch["latents"].float() if "latents" in batch else upgraded.encode_images(batch["pixels"].float())
+            ).to(upgraded.device)
+            noisy, timesteps = seeded_noisy_latents(upgraded.noise_scheduler, latents, seed)
+            cond = self.text_condition(batch, torch.zeros(latents.shape[0], dtype=torch.bool))
+        added = upgraded.added_cond_kwargs(
+            cond, batch.get("original_size"), batch.get("crop_top_left"), batch.get("target_size")
+        )
+        return noisy, timesteps, cond, added
+
+    def adapted_prediction(self, batch: Mapping[str, Any], strength: float, seed: int = 0) -> Tensor:
+        """The upgraded model with the image branch at lambda = ``strength``."""
+        noisy, timesteps, cond, added = self._probe_inputs(batch, seed)
+        keys, values = self.image_keys_values(self.image_features(batch["reference"]))
+        condition = self.injection.condition_for(keys, values, strength)
+        return self.upgraded.predict(
+            noisy, timesteps, cond, added, cross_attention_kwargs={"ip_hidden_states": condition}
+        )
+
+    def frozen_prediction(self, batch: Mapping[str, Any], seed: int = 0) -> Tensor:
+        """The upgraded model with A4A's processors taken out."""
+        noisy, timesteps, cond, added = self._probe_inputs(batch, seed)
+        self.injection.remove()
+        try:
+            return self.upgraded.predict(noisy, timesteps, cond, added)
+        finally:
+            self.injection.install()
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Asynchronous learning rates: one named AdamW group per part (LearningRateMonitor logs each)."""

@@ -10,12 +10,14 @@ import torch
 from xa_lightning.config import coerce_options
 from xa_lightning.errors import UserError
 from xa_lightning.methods.sun.adapter import SUNAdapter
+from xa_lightning.methods.sun.attention import concat_negative
 from xa_lightning.methods.sun.config import DistillationConfig, SamplingOptions, SUNAdapterOptions, TeacherOptions
 from xa_lightning.methods.sun.msc import SUNDistillation
 from xa_lightning.methods.sun.pipeline import load_sun_adapter
 from xa_lightning.methods.sun.sampling import SUNSampling
 from xa_lightning.methods.sun.teacher import CFGTeacher, NegativePromptBank
 from xa_lightning.training import AdapterModule
+from xa_lightning.training.utils import seeded_noisy_latents
 
 SUPPORTED_FAMILIES = ("sd15",)
 
@@ -130,6 +132,42 @@ class SUNModule(SUNSampling, AdapterModule):
         unet = self.backbone.denoiser
         out = unet(latents.to(unet.dtype), timestep, encoder_hidden_states=encoder_states.to(unet.dtype)).sample
         return out.to(latents.dtype)
+
+    def _probe_inputs(self, batch: Mapping[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Noisy latents, timesteps (drawn from ``seed``) and the captions' embeddings of one batch."""
+        backbone = self.backbone
+        with torch.no_grad():
+            latents = (
+                batch["latents"].float() if "latents" in batch else backbone.encode_images(batch["pixels"].float())
+            )
+            noisy, timesteps = seeded_noisy_latents(backbone.noise_scheduler, latents, seed)
+            prompt = (
+                batch["prompt_embeds"].to(backbone.device)
+                if "prompt_embeds" in batch
+                else self.encode_prompts(batch["caption"])
+            )
+        return noisy, timesteps, prompt.float()
+
+    def adapted_prediction(self, batch: Mapping[str, Any], strength: float, seed: int = 0) -> torch.Tensor:
+        """The UNet with SUN at ``strength`` (its correction scaled), the sampling negative prompt beside the prompt."""
+        noisy, timesteps, prompt = self._probe_inputs(batch, seed)
+        negative = self.encode_negatives([self.sampling.negative_prompt] * noisy.shape[0]).float()
+        previous = self.adapter.scale
+        self.adapter.set_scale(strength)
+        try:
+            return self.student(noisy, timesteps, concat_negative(prompt, negative))
+        finally:
+            self.adapter.set_scale(previous)
+
+    def frozen_prediction(self, batch: Mapping[str, Any], seed: int = 0) -> torch.Tensor:
+        """The UNet with SUN taken out, on the prompt alone."""
+        noisy, timesteps, prompt = self._probe_inputs(batch, seed)
+        unet = self.backbone.denoiser
+        self.adapter.uninstall(unet)
+        try:
+            return self.student(noisy, timesteps, prompt)
+        finally:
+            self.adapter.install(unet)
 
     def compute_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         backbone = self.backbone

@@ -221,16 +221,21 @@ class XAdapterModule(XAdapterSampling, AdapterModule):
             f"[{self.upgraded.resolution}] (the upgraded model's resolution)"
         )
 
-    def _timesteps(self, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _timesteps(
+        self, batch_size: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         base_steps = self.base.noise_scheduler.config.num_train_timesteps
         upgraded_steps = self.upgraded.noise_scheduler.config.num_train_timesteps
+
+        def draw(high: int) -> torch.Tensor:
+            if generator is None:  # training: torch's global RNG (checkpointed for exact resume)
+                return torch.randint(0, high, (batch_size,), device=device)
+            return torch.randint(0, high, (batch_size,), generator=generator).to(device)
+
         if self.training_options.timesteps == "shared":
-            t = torch.randint(0, min(base_steps, upgraded_steps), (batch_size,), device=device)
+            t = draw(min(base_steps, upgraded_steps))
             return t, t
-        return (
-            torch.randint(0, base_steps, (batch_size,), device=device),
-            torch.randint(0, upgraded_steps, (batch_size,), device=device),
-        )
+        return draw(base_steps), draw(upgraded_steps)
 
     def _micro_conditioning(self, batch: Mapping[str, Any], suffix: str) -> dict[str, Any]:
         def pick(*keys: str) -> Any:
@@ -242,15 +247,23 @@ class XAdapterModule(XAdapterSampling, AdapterModule):
             "target_size": pick(f"target_size_{suffix}"),
         }
 
-    def compute_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _step_inputs(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
+        """Both models' noised latents and conditioning and the base model's features for one batch; noise and
+        timesteps from ``generator`` (None: torch's global RNG, as training draws them)."""
+
+        def noise_like(latents: torch.Tensor) -> torch.Tensor:
+            if generator is None:
+                return torch.randn_like(latents)
+            return torch.randn(latents.shape, generator=generator).to(latents)
+
         captions = list(batch["caption"])
         batch_size = len(captions)
         with torch.no_grad():
             base_latents, upgraded_latents, suffix = self._latents(batch)
             device = upgraded_latents.device
-            base_t, upgraded_t = self._timesteps(batch_size, device)
-            base_noise = torch.randn_like(base_latents)
-            upgraded_noise = torch.randn_like(upgraded_latents)  # a different noise for each model
+            base_t, upgraded_t = self._timesteps(batch_size, device, generator)
+            base_noise = noise_like(base_latents)
+            upgraded_noise = noise_like(upgraded_latents)  # a different noise for each model
             base_noisy = self.base.noise_scheduler.add_noise(base_latents, base_noise, base_t)
             upgraded_noisy = self.upgraded.noise_scheduler.add_noise(upgraded_latents, upgraded_noise, upgraded_t)
 
@@ -268,12 +281,47 @@ class XAdapterModule(XAdapterSampling, AdapterModule):
             with capture_outputs(self.base.denoiser, base_blocks) as captured:
                 self.base.predict(base_noisy, base_t, base_cond)
             features = [captured[name] for name in base_blocks]
+        return {
+            "upgraded_latents": upgraded_latents,
+            "upgraded_noise": upgraded_noise,
+            "upgraded_noisy": upgraded_noisy,
+            "upgraded_t": upgraded_t,
+            "upgraded_cond": upgraded_cond,
+            "added_cond": added_cond,
+            "features": features,
+        }
 
+    def _upgraded_prediction(self, inputs: Mapping[str, Any], scale: float = 1.0) -> tuple[torch.Tensor, dict]:
+        """The upgraded model's prediction with the mapped base features fused at ``scale``; (prediction, the
+        mapped residuals by stage)."""
         injector = self.injector
         with injector.active():
-            injector.set_base_features(features)
-            prediction = self.upgraded.predict(upgraded_noisy, upgraded_t, upgraded_cond, added_cond)
-            mapped = dict(injector.mapped)
+            injector.set_base_features(inputs["features"], scale=scale)
+            prediction = self.upgraded.predict(
+                inputs["upgraded_noisy"], inputs["upgraded_t"], inputs["upgraded_cond"], inputs["added_cond"]
+            )
+            return prediction, dict(injector.mapped)
+
+    def adapted_prediction(self, batch: Mapping[str, Any], strength: float, seed: int = 0) -> torch.Tensor:
+        """The upgraded model with the mapper's residuals fused at ``strength``."""
+        inputs = self._step_inputs(batch, torch.Generator().manual_seed(seed))
+        return self._upgraded_prediction(inputs, scale=strength)[0]
+
+    def frozen_prediction(self, batch: Mapping[str, Any], seed: int = 0) -> torch.Tensor:
+        """The upgraded model alone (no hooks), on the same noisy latents and null-text conditioning."""
+        inputs = self._step_inputs(batch, torch.Generator().manual_seed(seed))
+        return self.upgraded.predict(
+            inputs["upgraded_noisy"], inputs["upgraded_t"], inputs["upgraded_cond"], inputs["added_cond"]
+        )
+
+    def compute_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        inputs = self._step_inputs(batch)
+        prediction, mapped = self._upgraded_prediction(inputs)
+        upgraded_latents, upgraded_noise, upgraded_t = (
+            inputs["upgraded_latents"],
+            inputs["upgraded_noise"],
+            inputs["upgraded_t"],
+        )
         if self.upgraded.prediction_type == "v_prediction":
             target = self.upgraded.noise_scheduler.get_velocity(upgraded_latents, upgraded_noise, upgraded_t)
         else:
