@@ -3,9 +3,9 @@
 One line per stage while it runs:
 
 1. sample the tiny backbones of all three families through their real diffusers pipelines;
-2. for every registered method with an ``experiments/demo/<method>.yaml``: ``xa-train
-   experiment=demo/<method>`` in its own process, exactly as a user types it (its output goes to
-   ``<method>/stdout.log``): training on the demo data (written on first use in the datasets' real
+2. for every ``experiments/demo/<name>.yaml`` (each method's demo, then variants such as ``a4a_pixart``):
+   ``xa-train experiment=demo/<name>`` in its own process, exactly as a user types it (its output goes to
+   ``<name>/stdout.log``): training on the demo data (written on first use in the datasets' real
    on-disk formats), evaluation, export;
 3. per method, from its checkpoint: an image grid (rows = samplers, columns = prompts) and the loss curve;
 4. the tiny version of every paper table from these runs (``xa-tables --table all --scale tiny``);
@@ -69,8 +69,11 @@ def sample_tiny_backbones(out_dir: Path) -> dict[str, list[str]]:
 
 
 def demo_methods() -> list[str]:
+    """Every ``experiments/demo/*.yaml``, each registered method's own demo first (``sun``, ``x_adapter``,
+    ``a4a``), then the variants that fill more cells of the tiny tables (``a4a_pixart``, ``x_adapter_ip``)."""
     experiments = repo_root() / "experiments" / "demo"
-    return [name for name in METHODS if (experiments / f"{name}.yaml").is_file()]
+    names = sorted(path.stem for path in experiments.glob("*.yaml"))
+    return [name for name in METHODS if name in names] + [name for name in names if name not in METHODS]
 
 
 def train(method: str, run_dir: Path) -> tuple[int, float]:
