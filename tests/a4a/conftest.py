@@ -12,15 +12,6 @@ from xa_lightning.backbones import build_backbone
 from xa_lightning.methods.a4a import A4AModule
 
 
-@pytest.fixture(autouse=True, scope="package")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _restoring(backbone):
     """The backbone, given back with its original attention processors after the test."""
     original = dict(backbone.denoiser.attn_processors)

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
 
 from xa_lightning.backbones import Backbone, build_backbone
 from xa_lightning.backbones.config import FAMILY_NAMES
-
-
-@pytest.fixture(scope="package", autouse=True)
-def _one_cpu_thread() -> Iterator[None]:
-    # The test box has 2 cores shared by several processes: torch's 2 intra-op threads then spin against
-    # each other and a tiny forward runs 10-30x slower than on 1 thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

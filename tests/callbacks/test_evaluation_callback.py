@@ -29,14 +29,6 @@ TINY_CLIP = {
 }
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_cpu_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: one intra-op thread is faster than two fighting
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("clip")

@@ -24,14 +24,6 @@ def demo_root(data_dir) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _quiet_single_threaded():
-    """One intra-op thread: the tiny models gain nothing from more, and on a shared 2-core machine
-    oversubscribed torch threads make them 10x slower. Restored after each test."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _quiet_lightning():
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    yield
-    torch.set_num_threads(threads)

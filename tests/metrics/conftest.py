@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_cpu_thread() -> Iterator[None]:
-    # 2 cores shared by several engineers' processes: one intra-op thread is faster than two fighting.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def photo(name: str) -> np.ndarray:

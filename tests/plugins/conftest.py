@@ -5,18 +5,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
 from xa_lightning.backbones import build_backbone
-
-
-@pytest.fixture(autouse=True, scope="package")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -11,15 +11,6 @@ from xa_lightning.backbones import build_backbone
 from xa_lightning.methods.sun import SUNAdapter
 
 
-@pytest.fixture(autouse=True, scope="package")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def backbone():
     return build_backbone("sd15", "tiny", seed=0)
