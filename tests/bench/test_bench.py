@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from xa_lightning.bench import compare_levers, main, parse_levers
+from xa_lightning.bench import main
+from xa_lightning.benchmarking import compare_levers, parse_levers
 from xa_lightning.errors import UserError
 
 

@@ -109,6 +109,9 @@ def test_csv_logger_metrics_json_grid_pairs_and_unchanged_training(tmp_path, cli
     }
     assert keys <= set(summary["metrics"])
     assert [h["step"] for h in summary["history"]] == [2, 4] and summary["final"] and summary["history"][-1]["final"]
+    # Sample Count at each evaluation (the x-axis of A4A's curves): samples seen so far over all ranks
+    per_step = module.samples_seen // 4
+    assert per_step > 0 and [h["samples_seen"] for h in summary["history"]] == [2 * per_step, 4 * per_step]
     assert summary["untrained"] == ["clip_score_untrained"]
     assert summary["prompts"] == (ROOT / "evaluation/prompts/demo.txt").read_text().splitlines()[:2]
     assert len(summary["per_image"]["method"]["clip_score_untrained"]) == 2

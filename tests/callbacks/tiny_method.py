@@ -115,6 +115,7 @@ class TinyTextAdapterModule(L.LightningModule):
         self.steps, self.resolution = steps, resolution
         self.sampler_calls: list[dict[str, Any]] = []
         self.training_steps = 0
+        self.samples_seen = 0  # as AdapterModule counts it: the evaluation records it per evaluation
 
     def encode(self, prompts: list[str], use_adapter: bool = True) -> torch.Tensor:
         ids = self.pipe.tokenizer(
@@ -126,6 +127,7 @@ class TinyTextAdapterModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self.training_steps += 1
         latents = batch["latents"]
+        self.samples_seen += latents.shape[0]
         noise = torch.randn_like(latents)  # global RNG: the evaluation must not shift it
         timesteps = torch.randint(0, 1000, (latents.shape[0],), device=self.device)
         noisy = self.pipe.scheduler.add_noise(latents, noise, timesteps)

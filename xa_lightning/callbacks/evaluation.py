@@ -167,7 +167,15 @@ class EvaluationCallback(L.Callback):
         scalars = {f"eval/{key}": value for key, value in result["metrics"].items()}
         for key, value in scalars.items():
             trainer.callback_metrics[key] = torch.tensor(value, dtype=torch.float64)
-        entry = {"step": step, "epoch": int(trainer.current_epoch), "final": final, "metrics": scalars}
+        # Sample Count (samples seen over all ranks) is the x-axis of A4A's curves: recorded exactly per evaluation
+        samples_seen = int(getattr(pl_module, "samples_seen", 0))
+        entry = {
+            "step": step,
+            "epoch": int(trainer.current_epoch),
+            "samples_seen": samples_seen,
+            "final": final,
+            "metrics": scalars,
+        }
         self.history.append(entry)
         self.last_result = {**result, "scalars": scalars, "step": step}
         if trainer.is_global_zero:
@@ -184,7 +192,9 @@ class EvaluationCallback(L.Callback):
         self, trainer: L.Trainer, result: dict[str, Any], scalars: dict[str, float], step: int, final: bool
     ) -> None:
         loggers = list(trainer.loggers)
-        log_scalars(loggers, scalars, step)
+        # the step metric of eval/* on W&B (define_metric): logged with the scores, so the x value is exact
+        seen = float(getattr(trainer.lightning_module, "samples_seen", 0))
+        log_scalars(loggers, {**scalars, "train/samples_seen": seen}, step)
         rows, labels = [], []
         if result.get("references") is not None:
             rows.append(result["references"])

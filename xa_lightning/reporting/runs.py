@@ -246,7 +246,9 @@ def read_run(run_dir: str | Path) -> RunRecord:
         record.untrained = [str(u) for u in content.get("untrained") or []]
         for entry in content.get("history") or []:
             if isinstance(entry, dict):
-                record.history.append(Evaluation(entry.get("step"), _scalars(entry.get("metrics"))))
+                seen = entry.get("samples_seen")
+                samples = float(seen) if isinstance(seen, (int, float)) else None
+                record.history.append(Evaluation(entry.get("step"), _scalars(entry.get("metrics")), samples))
         if not record.history and record.metrics:
             seen = content.get("samples_seen")
             record.history.append(

@@ -28,7 +28,14 @@ from typing import Any
 
 import torch
 
-from xa_lightning.bench import LEVERS, compare_levers, default_device, median_seconds, parse_levers, peak_memory_mib
+from xa_lightning.benchmarking import (
+    LEVERS,
+    compare_levers,
+    default_device,
+    median_seconds,
+    parse_levers,
+    peak_memory_mib,
+)
 
 INFERENCE_TARGET = 1 / 1.1  # A4A inference at most 1.1x the plain upgraded model's
 

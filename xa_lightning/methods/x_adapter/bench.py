@@ -29,7 +29,14 @@ from typing import Any
 
 import torch
 
-from xa_lightning.bench import LEVERS, compare_levers, default_device, median_seconds, parse_levers, peak_memory_mib
+from xa_lightning.benchmarking import (
+    LEVERS,
+    compare_levers,
+    default_device,
+    median_seconds,
+    parse_levers,
+    peak_memory_mib,
+)
 
 TRAIN_TARGET = 1 / 1.3  # the X-Adapter step at most 1.3x the plain upgraded forward-backward
 
