@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from xa_lightning.benchmarking import peak_memory_mib
+
 TARGET_RATIO = 10.0  # denoise_ratio on a full-shape model on a GPU (bound: 12.5)
 OVERHEAD_TARGET = 1.05  # SUN's 4 steps at most 5 % slower than the bare UNet's
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
@@ -200,35 +202,6 @@ def run_one(
     }
 
 
-def _peak_memory(step: Any, device: str) -> int:
-    """Bytes allocated at the peak of ``step()`` above what was allocated before it."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    # The CPU allocator keeps no peak statistic; the profiler records its running total at every allocation.
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    allocations = []
-    pending = list(prof.profiler.kineto_results.experimental_event_tree())
-    while pending:
-        event = pending.pop()
-        pending.extend(event.children)
-        if event.tag == _EventType.Allocation:
-            allocations.append((event.start_time_ns, event.extra_fields.total_allocated, event.extra_fields.alloc_size))
-    if not allocations:
-        return 0
-    allocations.sort()
-    _, first_total, first_size = allocations[0]
-    return max(total for _, total, _ in allocations) - (first_total - first_size)
-
-
 def run_training(
     flavour: str, device: str, dtype: str, batch_size: int, repeats: int, teacher_substeps: int, student_steps: int
 ) -> dict[str, Any]:
@@ -277,7 +250,7 @@ def run_training(
             step()
             _sync(device)
             times.append(time.perf_counter() - start)
-        results[name] = {"peak_mb": _peak_memory(step, device) / 2**20, "step_s": statistics.median(times)}
+        results[name] = {"peak_mb": peak_memory_mib(step, device), "step_s": statistics.median(times)}
     before, after = results["single_backward"], results["checkpointed"]
     difference = float((gradients["single_backward"] - gradients["checkpointed"]).abs().max())
     return {
