@@ -47,6 +47,10 @@ STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bf
 FLOAT_KEYS_PREFIX = ("latents", "prompt_embeds", "pooled_prompt_embeds")
 
 
+# Backbone settings that change how fast, not what, the frozen models compute (the cache stays valid across them).
+SPEED_LEVERS = ("attention", "channels_last", "compile")
+
+
 def backbone_identity(spec: Any) -> dict[str, Any]:
     """The backbone settings that change latents or embeddings, normalised (defaults filled in)."""
     from xa_lightning.backbones import BackboneConfig
@@ -74,6 +78,8 @@ def backbone_identity(spec: Any) -> dict[str, Any]:
             ]
     if config.get("flavour") == "pretrained":
         config.pop("seed", None)  # the weights, not the seed, decide
+    for speed_only in SPEED_LEVERS:  # same latents and embeddings whichever way they are computed
+        config.pop(speed_only, None)
     return config
 
 
