@@ -46,7 +46,7 @@ def test_eval_options_compose_validate_and_instantiate_the_callback(option):
     evaluation = callback.config
     assert isinstance(evaluation, EvaluationConfig)
     assert "fid" in evaluation.metrics and "clip_score" in evaluation.metrics
-    assert Path(evaluation.prompts_file).is_file()
+    assert evaluation.prompts_file is None  # the datamodule's held-out captions unless set
     assert evaluation.ida.missing_face == "zero"  # a lost face scores 0: what paper numbers use
     if option == "paper":
         assert (evaluation.clip.model, evaluation.clip.pretrained) == ("ViT-L-14", "openai")

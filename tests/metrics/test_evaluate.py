@@ -142,6 +142,55 @@ def test_evaluation_set_from_config_files_with_references(tmp_path):
     assert built["real_images"] is None
 
 
+class _HeldOutData:
+    """The datamodule's evaluation contract (eval_prompts / eval_references / real_images), nothing else."""
+
+    def eval_prompts(self, n):
+        return [f"held-out caption {i}" for i in range(n)]
+
+    def eval_references(self, n):
+        return torch.zeros(n, 3, 16, 16)
+
+    def real_images(self, n):
+        return torch.zeros(n, 3, 16, 16, dtype=torch.uint8)
+
+
+def test_config_sources_win_over_the_datamodule(tmp_path):
+    """A paper table trains on LAION but evaluates on COCO captions and control maps: an eval.prompts_file /
+    references_dir / real_dir that is set wins over the datamodule's held-out split (it used to be ignored)."""
+    from PIL import Image
+
+    from xa_lightning.metrics.config import EvaluationConfig
+    from xa_lightning.metrics.evaluate import DEMO_PROMPTS, prepare_evaluation, read_prompts
+
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    for index in range(3):
+        Image.new("RGB", (20, 20), (255 * (index % 2),) * 3).save(maps / f"{index}.png")
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a cat\na dog\na bird\n")
+    base = {"metrics": ["edge_f1", "fid"], "num_images": 3, "reference_resolution": 8, "progress": False}
+    data = _HeldOutData()
+
+    from_data = build_evaluation_set(EvaluationConfig.coerce(base), data)
+    assert from_data["prompts"] == ["held-out caption 0", "held-out caption 1", "held-out caption 2"]
+    assert from_data["references"].shape == (3, 3, 16, 16) and from_data["real_images"].shape[0] == 3
+
+    explicit = {**base, "prompts_file": str(captions), "references_dir": str(maps), "real_dir": str(maps)}
+    prepare_evaluation(EvaluationConfig.coerce({**explicit, "metrics": ["edge_f1"]}), data)
+    built = build_evaluation_set(EvaluationConfig.coerce(explicit), data)
+    assert built["prompts"] == ["a cat", "a dog", "a bird"]  # line k with map k
+    assert built["references"].shape == (3, 3, 8, 8)
+    assert built["references"][1].min() == 1.0 and built["references"][0].max() == 0.0
+    assert built["real_images"] == str(maps)
+
+    with pytest.raises(UserError, match="eval.prompts_file: .*missing.txt does not exist"):
+        prepare_evaluation(EvaluationConfig.coerce({**base, "prompts_file": str(tmp_path / "missing.txt")}), data)
+    # Neither a prompt file nor a datamodule (xa-eval without data=): the demo prompts.
+    alone = build_evaluation_set(EvaluationConfig.coerce({"metrics": ["clip_score"], "num_images": 2}))
+    assert alone["prompts"] == read_prompts(DEMO_PROMPTS)[:2]
+
+
 def _tiny_extractor(images: torch.Tensor) -> torch.Tensor:
     """Cheap deterministic 2048-d features (the Inception is tested elsewhere; here: the plumbing)."""
     pooled = torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 8).flatten(1)

@@ -13,6 +13,7 @@ result and rank 0 can write it.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -42,6 +43,11 @@ from xa_lightning.metrics.fid import (
 from xa_lightning.metrics.images import list_image_files, load_image, resize_square, to_uint8, to_unit_float
 from xa_lightning.metrics.registry import METRICS
 from xa_lightning.paths import repo_root
+
+log = logging.getLogger(__name__)
+
+# Prompts of an evaluation that has neither eval.prompts_file nor a datamodule (`xa-eval ckpt_path=...`).
+DEMO_PROMPTS = "evaluation/prompts/demo.txt"
 
 Sampler = Callable[[list[str], list[int], Tensor | None], Tensor]
 
@@ -93,27 +99,24 @@ def prepare_evaluation(cfg: EvaluationConfig, datamodule: Any = None, device: st
     """Check everything an evaluation needs before anything is generated: the prompt / reference / real
     sources the datamodule does not provide, the reference statistics file, and every metric's weights
     and models (fetched where they may be). A problem is a one-line UserError."""
-    if not hasattr(datamodule, "eval_prompts"):
-        if not cfg.prompts_file:
-            raise UserError(
-                "eval.prompts_file is unset and the datamodule has no eval_prompts(n); set "
-                "eval.prompts_file=evaluation/prompts/demo.txt"
-            )
+    # A source set in the config wins over the datamodule's (a paper table pairs COCO captions with
+    # COCO control maps while training on LAION); each set path must exist.
+    if cfg.prompts_file:
         resolve_path(cfg.prompts_file, "eval.prompts_file")
-    if cfg.needs_references() and not hasattr(datamodule, "eval_references"):
-        if not cfg.references_dir:
-            raise UserError(
-                "eval.references_dir is unset and the datamodule has no eval_references(n), but "
-                f"eval.metrics has {', '.join(cfg.metrics_needing(REFERENCES))}"
-            )
+    if cfg.references_dir:
         resolve_path(cfg.references_dir, "eval.references_dir")
-    if cfg.needs_real_images() and not hasattr(datamodule, "real_images"):
-        if not cfg.real_dir:
-            raise UserError(
-                f"eval.metrics has {', '.join(cfg.metrics_needing(REAL_STATISTICS))} but there are no real "
-                "images: set eval.real_dir or eval.fid.reference_stats (the datamodule has no real_images(n))"
-            )
+    elif cfg.needs_references() and not hasattr(datamodule, "eval_references"):
+        raise UserError(
+            "eval.references_dir is unset and the datamodule has no eval_references(n), but "
+            f"eval.metrics has {', '.join(cfg.metrics_needing(REFERENCES))}"
+        )
+    if cfg.real_dir:
         resolve_path(cfg.real_dir, "eval.real_dir")
+    elif cfg.needs_real_images() and not hasattr(datamodule, "real_images"):
+        raise UserError(
+            f"eval.metrics has {', '.join(cfg.metrics_needing(REAL_STATISTICS))} but there are no real "
+            "images: set eval.real_dir or eval.fid.reference_stats (the datamodule has no real_images(n))"
+        )
     if cfg.needs_real_statistics() and cfg.fid.reference_stats and not stats_path(cfg.fid.reference_stats).is_file():
         FeatureStatistics.load(stats_path(cfg.fid.reference_stats))  # the one-line error naming the file
     device = torch.device(device)
@@ -300,9 +303,11 @@ def resolve_path(path: str | os.PathLike, what: str) -> Path:
     )
 
 
-def load_references(folder: str | os.PathLike, count: int, resolution: int) -> Tensor:
-    """The first ``count`` images of a folder, centre-cropped and resized, float (count, 3, r, r) in [0, 1]."""
-    files = list_image_files(resolve_path(folder, "eval.references_dir"), "eval.references_dir")[:count]
+def load_references(
+    folder: str | os.PathLike, count: int, resolution: int, what: str = "eval.references_dir"
+) -> Tensor:
+    """The first ``count`` images of a folder (sorted), centre-cropped and resized, float (count, 3, r, r) in [0, 1]."""
+    files = list_image_files(resolve_path(folder, what), what)[:count]
     images = [resize_square(load_image(f).unsqueeze(0), resolution)[0] for f in files]
     return torch.stack(images).float() / 255.0
 
@@ -310,30 +315,31 @@ def load_references(folder: str | os.PathLike, count: int, resolution: int) -> T
 def build_evaluation_set(cfg: EvaluationConfig, datamodule: Any = None) -> dict[str, Any]:
     """Prompts, seeds, references and real images for one evaluation, from the datamodule or the config files.
 
-    With references, reference ``i // images_per_reference`` goes with image ``i`` (and so does its
-    prompt when the datamodule aligns prompts with references); seeds are ``cfg.seed + i``.
+    Each source set in the config (``prompts_file``, ``references_dir``, ``real_dir``) wins over the
+    datamodule's; prompts default to :data:`DEMO_PROMPTS` when neither has any. With references, reference
+    ``i // images_per_reference`` goes with image ``i``, and so does prompt ``i // images_per_reference``
+    (the datamodule aligns its captions with its references; a prompt file's line k goes with the k-th
+    file of ``references_dir`` in sorted order); seeds are ``cfg.seed + i``.
     """
     count = cfg.num_images
     per_reference = cfg.images_per_reference
     references = None
     need_refs = cfg.needs_references() or per_reference > 1
     n_refs = math.ceil(count / per_reference)
-    if need_refs and datamodule is not None and hasattr(datamodule, "eval_references"):
-        references = datamodule.eval_references(n_refs)
-    if references is None and cfg.references_dir:
+    if cfg.references_dir:
         references = load_references(cfg.references_dir, n_refs, cfg.reference_resolution)
+    elif need_refs and datamodule is not None and hasattr(datamodule, "eval_references"):
+        references = datamodule.eval_references(n_refs)
     if references is not None and len(references) < n_refs:
         count = len(references) * per_reference
     n_prompts = len(references) if references is not None else count
-    if datamodule is not None and hasattr(datamodule, "eval_prompts"):
-        base_prompts = list(datamodule.eval_prompts(n_prompts))
-    elif cfg.prompts_file:
+    if cfg.prompts_file:
         base_prompts = read_prompts(cfg.prompts_file)
+    elif datamodule is not None and hasattr(datamodule, "eval_prompts"):
+        base_prompts = list(datamodule.eval_prompts(n_prompts))
     else:
-        raise UserError(
-            "eval.prompts_file is unset and the datamodule has no eval_prompts(n); set "
-            "eval.prompts_file=evaluation/prompts/demo.txt"
-        )
+        log.info("eval: no eval.prompts_file and no datamodule; prompting with %s", DEMO_PROMPTS)
+        base_prompts = read_prompts(DEMO_PROMPTS)
     if references is not None:
         prompts = [base_prompts[(i // per_reference) % len(base_prompts)] for i in range(count)]
         references = to_unit_float(references)[[i // per_reference for i in range(count)]]
@@ -342,10 +348,10 @@ def build_evaluation_set(cfg: EvaluationConfig, datamodule: Any = None) -> dict[
     real: Any = None
     if cfg.needs_real_images():
         n_real = cfg.fid.num_real_images or count
-        if datamodule is not None and hasattr(datamodule, "real_images"):
-            real = datamodule.real_images(n_real)
-        elif cfg.real_dir:
+        if cfg.real_dir:
             real = str(resolve_path(cfg.real_dir, "eval.real_dir"))
+        elif datamodule is not None and hasattr(datamodule, "real_images"):
+            real = datamodule.real_images(n_real)
     return {
         "prompts": prompts,
         "seeds": [cfg.seed + i for i in range(count)],
