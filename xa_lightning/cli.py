@@ -29,7 +29,8 @@ def _load(path: str) -> Callable:
 
 def check_paths(cfg: Any, config_name: str) -> None:
     """What the config points at, before anything runs: ``ckpt_path`` (a whole checkpoint; ``last`` finds
-    one) and the data (``data.urls`` / ``data.root``, unless the demo is written on first use)."""
+    one), xa-sample's prompt file and references, and the data (``data.urls`` / ``data.root``, unless the
+    demo is written on first use)."""
     from pathlib import Path
 
     from omegaconf import DictConfig
@@ -54,6 +55,13 @@ def check_paths(cfg: Any, config_name: str) -> None:
                 f"ckpt_path={value} is not a readable checkpoint ({reason}); pass another one (e.g. a periodic "
                 "step*.ckpt beside it)"
             )
+    if config_name == "sample":  # xa-sample's own sources
+        from xa_lightning.metrics.evaluate import resolve_path
+
+        if cfg.get("references_dir"):
+            resolve_path(cfg.references_dir, "references_dir")
+        if not cfg.get("prompts") and cfg.get("prompts_file"):
+            resolve_path(cfg.prompts_file, "prompts_file")
     data = cfg.get("data")
     if isinstance(data, DictConfig) and "_target_" in data:
         check_source = getattr(instantiate(data), "check_source", None)

@@ -12,20 +12,27 @@ from xa_lightning.errors import UserError
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
+    from xa_lightning.metrics.evaluate import read_prompts as read_prompt_file
+
     if cfg.get("prompts"):
         prompts = [str(p) for p in cfg.prompts]
+    elif cfg.get("prompts_file"):
+        prompts = read_prompt_file(cfg.prompts_file, "prompts_file")
     else:
-        path = Path(cfg.prompts_file)
-        if not path.is_file():
-            raise UserError(f"prompts_file={path} does not exist; pass prompts='[...]' or an existing file")
-        prompts = [
-            line.strip()
-            for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and not line.startswith("#")
-        ]
+        prompts = []
     if not prompts:
         raise UserError("no prompts: set prompts='[a photo of a cat]' or a non-empty prompts_file")
     return (prompts * cfg.num_images)[: cfg.num_images]
+
+
+def read_references(cfg: DictConfig, count: int):
+    """Image i's reference: file ``i % n`` of ``references_dir`` (sorted), float (count, 3, r, r); None unset."""
+    if not cfg.get("references_dir"):
+        return None
+    from xa_lightning.metrics.evaluate import load_references
+
+    references = load_references(cfg.references_dir, count, cfg.reference_resolution, "references_dir")
+    return references[[i % len(references) for i in range(count)]]
 
 
 def save_images(images: np.ndarray, prompts: list[str], seeds: list[int], out_dir: Path, tag: str) -> list[str]:
@@ -68,6 +75,8 @@ def sample_backbone(cfg: DictConfig, prompts: list[str], seeds: list[int]) -> np
 
 
 def sample_method(cfg: DictConfig, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, str]:
+    """Through the checkpoint's method; its image-prompted samplers (A4A, X-Adapter's ControlNet / T2I /
+    IP-Adapter / SDEdit) take one ``references_dir`` image per prompt."""
     from xa_lightning.training import load_method
 
     module = load_method(cfg.ckpt_path).to(cfg.device)
@@ -75,7 +84,7 @@ def sample_method(cfg: DictConfig, prompts: list[str], seeds: list[int]) -> tupl
     name = cfg.sampler or next(iter(samplers))
     if name not in samplers:
         raise UserError(f"sampler={name} is not a sampler of {module.method}; choose one of {', '.join(samplers)}")
-    images = samplers[name](prompts, seeds, None)
+    images = samplers[name](prompts, seeds, read_references(cfg, len(prompts)))
     return images.permute(0, 2, 3, 1).cpu().numpy(), name
 
 
@@ -83,6 +92,8 @@ def run(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     prompts = read_prompts(cfg)
+    if cfg.get("references_dir") and not cfg.get("ckpt_path"):
+        raise UserError("references_dir needs ckpt_path=<a method checkpoint>: a plain backbone takes no image prompt")
     seeds = [cfg.seed + i for i in range(len(prompts))]
     out_dir = Path(HydraConfig.get().runtime.output_dir) / "samples"
     if cfg.get("ckpt_path"):

@@ -284,3 +284,50 @@ def test_real_weight_experiments_name_the_missing_key(experiment, key, monkeypat
     with pytest.raises(UserError, match=key) as error:
         xa_instantiate(cfg.method)
     assert "\n" not in str(error.value) and "path" in str(error.value)
+
+
+def test_xa_sample_prompts_an_a4a_checkpoint_with_reference_images(tmp_path, capsys):
+    """xa-sample references_dir=...: image i is prompted with file i % n; without references the A4A
+    sampler refuses (it used to sample the plain upgraded model without a word)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from xa_lightning import cli
+
+    module = _composed_module(tmp_path, "method.training.image_dropout=0")
+    trainer = _trainer(tmp_path, 1)
+    trainer.fit(module, train_dataloaders=_loader(module.upgraded))
+    ckpt = tmp_path / "a4a.ckpt"
+    trainer.save_checkpoint(ckpt)
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for index, colour in enumerate([(250, 30, 30), (30, 30, 250)]):
+        Image.new("RGB", (48, 48), colour).save(faces / f"{index}.png")
+
+    def sample(name: str, *overrides: str) -> tuple[int, list[np.ndarray]]:
+        out = tmp_path / name
+        argv = [f"ckpt_path={ckpt}", "prompts=[a face]", "num_images=3", f"hydra.run.dir={out}", *overrides]
+        code = cli.sample_main(argv)
+        index = out / "samples" / "samples.json"
+        files = json.loads(index.read_text()) if index.is_file() else []
+        return code, [np.asarray(Image.open(out / "samples" / entry["file"])) for entry in files]
+
+    code, prompted = sample("prompted", f"references_dir={faces}")
+    assert code == 0 and len(prompted) == 3
+    code, plain = sample("plain", f"references_dir={faces}", "sampler=upgraded")
+    assert code == 0 and not np.array_equal(prompted[0], plain[0]), "the reference image changed nothing"
+
+    # Image 2 is seed 2 with file 0 again: the same as sampling that file alone for seed 2.
+    (tmp_path / "first").mkdir()
+    Image.open(faces / "0.png").save(tmp_path / "first" / "0.png")
+    code, alone = sample("alone", f"references_dir={tmp_path / 'first'}")
+    assert code == 0 and np.array_equal(alone[2], prompted[2]) and not np.array_equal(alone[1], prompted[1])
+
+    capsys.readouterr()
+    assert sample("no_references")[0] != 0
+    assert "references_dir=<folder>" in capsys.readouterr().err
+    assert sample("missing", f"references_dir={tmp_path / 'nope'}")[0] != 0
+    err = capsys.readouterr().err
+    assert "references_dir: " in err and "nope does not exist" in err and not (tmp_path / "missing").exists()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from xa_lightning.errors import UserError
 from xa_lightning.methods.a4a.modules import stand_in_image_encoder
 from xa_lightning.methods.a4a.pipeline import A4APipeline
 from xa_lightning.plugins.ip_adapter import (
@@ -43,6 +44,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # The random stand-in for the upgraded model's own IP-Adapter is seeded apart from the PTA's.
 _PTA_UM_SEED_OFFSET = 1000
+
+
+def _require_references(references: Tensor | None, sampler: str) -> None:
+    """An image-prompted sampler without its images would quietly sample the plain model: refuse instead."""
+    if references is None:
+        raise UserError(
+            f"A4A sampler {sampler!r} prompts with an image: give a reference per prompt (xa-sample "
+            "references_dir=<folder>; evaluation: eval.references_dir or a datamodule with references)"
+        )
 
 
 class A4ASampling:
@@ -93,6 +103,7 @@ class A4ASampling:
         )
 
     def sample_method(self, prompts: list[str], seeds: list[int], references: Tensor | None = None) -> Tensor:
+        _require_references(references, self.variant)
         return self._generate(
             self.a4a_pipeline(), self.upgraded, prompts, seeds, ip_adapter_image=references, scale=self.sampling.scale
         )
@@ -109,11 +120,9 @@ class A4ASampling:
         key: str,
         prompts: Sequence[str],
         seeds: Sequence[int],
-        references: Tensor | None,
+        references: Tensor,
     ) -> Tensor:
         pipe = backbone.pipeline()
-        if references is None:
-            return self._generate(pipe, backbone, prompts, seeds)
         encoder.to(backbone.device)
         hidden = layout.kind == "plus"
         with torch.no_grad():
@@ -142,12 +151,14 @@ class A4ASampling:
         return cache["pta_um"]
 
     def sample_pta_um(self, prompts: list[str], seeds: list[int], references: Tensor | None = None) -> Tensor:
+        _require_references(references, "pta_um")
         layout, encoder = self.pta_um()
         return self._diffusers_ip_adapter(
             self.upgraded, layout, encoder, "method.sampling.pta_um_weights", prompts, seeds, references
         )
 
     def sample_pta_base(self, prompts: list[str], seeds: list[int], references: Tensor | None = None) -> Tensor:
+        _require_references(references, "pta_base")
         return self._diffusers_ip_adapter(
             self.base, self.pta_layout, self.pta_encoder, "method.pta.weights", prompts, seeds, references
         )

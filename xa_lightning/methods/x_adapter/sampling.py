@@ -129,8 +129,8 @@ class XAdapterSampling:
         if references is None:
             raise UserError(
                 f"method.plugin (kind={options.kind}, img2img_strength={options.img2img_strength}) needs "
-                "an image per prompt: give evaluation references (eval.references_dir, or a "
-                "datamodule with eval_references)"
+                "an image per prompt: xa-sample references_dir=<folder>; evaluation: eval.references_dir "
+                "or a datamodule with eval_references"
             )
         references = references.float().clamp(0, 1)
         kwargs: dict[str, Any] = {}
