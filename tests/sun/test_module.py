@@ -154,6 +154,8 @@ def test_evaluation_samplers(tmp_path):
         ({"backbone": {"family": "sdxl", "flavour": "tiny"}}, "backbone.family"),
         ({"adapter": {"init_weights": "/nonexistent/sun.safetensors"}}, "init_weights"),
         ({"adapter": {"norm_scop": "sample"}}, "method.adapter.norm_scop"),
+        ({"adapter": {"norm_scope": "channel"}}, "method.adapter.norm_scope='channel': choose one of sample, token"),
+        ({"adapter": {"projection_init": "copied"}}, "method.adapter.projection_init='copied'"),
         ({"teacher": {"negative_prompts": "/nonexistent/negatives.txt"}}, "negative_prompts"),
     ],
 )

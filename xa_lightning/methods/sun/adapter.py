@@ -15,9 +15,7 @@ from torch import nn
 from xa_lightning.backbones.surgery import AttentionLayer, Surgery, attention_layers, install_processors
 from xa_lightning.errors import UserError
 from xa_lightning.methods.sun.attention import PositiveOnlyAttnProcessor, SUNAttnProcessor
-
-NORM_SCOPES = ("sample", "token")
-PROJECTION_INITS = ("copy", "random", "zero")
+from xa_lightning.methods.sun.config import NORM_SCOPES, PROJECTION_INITS
 
 
 class SUNLayer(nn.Module):

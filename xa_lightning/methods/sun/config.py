@@ -14,6 +14,9 @@ from xa_lightning.errors import UserError
 from xa_lightning.paths import repo_root
 from xa_lightning.training.utils import check_init_weights
 
+NORM_SCOPES = ("sample", "token")
+PROJECTION_INITS = ("copy", "random", "zero")
+
 
 @dataclass
 class SUNAdapterOptions:
@@ -37,6 +40,13 @@ class SUNAdapterOptions:
     require_init_weights: bool = False
 
     def __post_init__(self) -> None:
+        # Checked here, before any backbone loads (SUNAdapter checks again for direct callers).
+        for key, value, choices in (
+            ("norm_scope", self.norm_scope, NORM_SCOPES),
+            ("projection_init", self.projection_init, PROJECTION_INITS),
+        ):
+            if value not in choices:
+                raise UserError(f"method.adapter.{key}={value!r}: choose one of {', '.join(choices)}")
         check_init_weights(
             self.init_weights,
             self.require_init_weights,
