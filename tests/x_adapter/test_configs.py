@@ -37,6 +37,9 @@ def test_paper_experiments_compose_with_the_official_settings():
         ) == (plugin, alpha, scale)
         # evaluates a trained mapper as given: required weights, no training
         assert method.mapper.require_init_weights and cfg.train is False
+        if short != "compare_lora":  # control maps: read at the size the SD1.5 plugin sees, captions beside them
+            assert cfg.eval.reference_resolution == 512, "maps shrunk to 224 and blown up again lose thin edges"
+            assert cfg.eval.prompts_file.endswith(".txt") and cfg.eval.references_dir
     # the sweeps live in each file's hydra node (not part of a composed job config)
     text = {n: (config_dir() / "experiment" / f"{n}.yaml").read_text() for n in EXPERIMENTS}
     assert "method.mapper.fusion_type: add,spade" in text["x_adapter/ablation_fusion"]
