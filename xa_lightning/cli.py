@@ -130,6 +130,7 @@ def run_hydra(config_name: str, task: str, argv: Sequence[str] | None, prog: str
         names = ", ".join(os.path.relpath(d, parent) for d in failed_dirs if d != parent)
         where = f"{parent}/ ({names})" if names else parent
         print(f"{prog}: {len(failed_dirs)} job(s) failed; failed.json in {where}", file=sys.stderr)
+        return exit_code["code"] or 1  # Optuna records a crashed trial and carries on: still not a success
     return exit_code["code"]
 
 

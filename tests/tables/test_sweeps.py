@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import lightning as L
 import pytest
 import yaml
 from PIL import Image
@@ -122,6 +123,42 @@ def test_the_readme_optuna_sweep_returns_optimized_metric_and_writes_the_best_pa
     best_lr = min(trials, key=trials.get)
     assert best["best_value"] == pytest.approx(trials[best_lr])
     assert best["best_params"]["method.optimizer.lr"] == pytest.approx(best_lr)
+
+
+class CrashingTrial(L.Callback):
+    """A job that crashes at its first step (as out-of-memory or a CUDA fault would): not a UserError."""
+
+    def __init__(self, crash: bool = False) -> None:
+        self.crash = crash
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.crash:
+            raise RuntimeError("simulated crash of a trial")
+
+
+def test_a_crashed_optuna_trial_does_not_stop_the_study(tmp_path, capsys):
+    """A trial that crashes is told to Optuna as failed and the other trials still run (Optuna's default
+    max_failure_rate 0 stopped the study at the first crash); the best parameters come from the others."""
+    sweep = tmp_path / "optuna"
+    code = cli.train_main(
+        [
+            "-m",
+            "hydra/sweeper=tpe",
+            "optimized_metric=eval/sun/fid",
+            f"+callbacks.crash._target_={__name__}.CrashingTrial",
+            "+callbacks.crash.crash=choice(true,false)",
+            "hydra.sweeper.n_trials=4",
+            "trainer.max_steps=1",
+            *TINY_EVAL,
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    failed = [job for job in jobs if (job / "failed.json").is_file()]
+    assert len(jobs) == 4 and 0 < len(failed) < 4, "expected a mix of crashed and finished trials"
+    assert code != 0
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_params"]["+callbacks.crash.crash"] is False
 
 
 def test_the_slurm_launcher_config_composes_and_instantiates_its_launcher():
