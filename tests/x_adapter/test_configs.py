@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from xa_lightning.config import compose, config_dir, validate
 
@@ -40,6 +41,14 @@ def test_paper_experiments_compose_with_the_official_settings():
         if short != "compare_lora":  # control maps: read at the size the SD1.5 plugin sees, captions beside them
             assert cfg.eval.reference_resolution == 512, "maps shrunk to 224 and blown up again lose thin edges"
             assert cfg.eval.prompts_file.endswith(".txt") and cfg.eval.references_dir
+        else:  # the paper's LoRA protocol: 20 prompts x 50 seeds
+            from xa_lightning.metrics.config import EvaluationConfig
+            from xa_lightning.metrics.evaluate import build_evaluation_set
+
+            evaluation = EvaluationConfig.coerce(OmegaConf.to_container(cfg.eval, resolve=True))
+            built = build_evaluation_set(evaluation)
+            assert len(set(built["prompts"])) == 20 and len(built["prompts"]) == 1000
+            assert built["prompts"].count(built["prompts"][0]) == 50 and len(set(built["seeds"])) == 1000
     # the sweeps live in each file's hydra node (not part of a composed job config)
     text = {n: (config_dir() / "experiment" / f"{n}.yaml").read_text() for n in EXPERIMENTS}
     assert "method.mapper.fusion_type: add,spade" in text["x_adapter/ablation_fusion"]
