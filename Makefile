@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.xa-installed
 PYTEST_ARGS ?=
+# pytest-xdist workers: each test runs on one thread (tests/conftest.py), so two workers use both cores of
+# our 2-core machines (14 -> 8 minutes); 0 runs the suite in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint format venv clean-venv
 
@@ -19,7 +22,7 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -113,7 +113,7 @@ def run_hydra(config_name: str, task: str, argv: Sequence[str] | None, prog: str
                 return None
             raise
 
-    xa_config.register_resolvers()
+    xa_config.register_resolvers(args.overrides)
     main = hydra.main(config_path=conf_dir, config_name=config_name, version_base="1.3")(hydra_task)
     saved_argv = sys.argv
     sys.argv = [prog, *argv]

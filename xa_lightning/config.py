@@ -64,14 +64,15 @@ def _experiment_name_of_job(default: str = "run") -> str:
     return experiment_run_name(HydraConfig.get().runtime.choices.get("experiment"), default)
 
 
-def register_resolvers() -> None:
+def register_resolvers(overrides: Iterable[str] = ()) -> None:
+    """Our resolvers, and the table runs of the tables ``overrides`` name (``+table=<name>``) as config options."""
     if not OmegaConf.has_resolver("xa.root"):
         OmegaConf.register_new_resolver("xa.root", lambda: str(repo_root()))
     if not OmegaConf.has_resolver(EXPERIMENT_NAME_RESOLVER):
         OmegaConf.register_new_resolver(EXPERIMENT_NAME_RESOLVER, _experiment_name_of_job)
     from xa_lightning.reporting import sweeps
 
-    sweeps.register()  # +table=<name>: the tables' runs as config options, and their sweep resolvers
+    sweeps.register(sweeps.tables_named(overrides))
 
 
 # ---------------------------------------------------------------------------------------------- values
@@ -163,9 +164,9 @@ def compose(config_name: str, overrides: Iterable[str] = (), multirun: bool = Fa
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    register_resolvers()
-    GlobalHydra.instance().clear()
     overrides = list(overrides)
+    register_resolvers(overrides)
+    GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             loader = GlobalHydra.instance().config_loader()

@@ -56,3 +56,18 @@ def test_a_bad_table_sweep_stops_at_the_door_with_one_line(tmp_path, capsys):
         "use +trainer.max_stepz=...)"
     )
     assert not any(tmp_path.iterdir())
+
+
+def test_a_command_registers_only_the_tables_it_names():
+    """Hydra deep-copies every ConfigStore node on each compose: registering all tables' runs up front made
+    every compose slower and `xa-train --help` take half a minute. Only the named table's runs are added."""
+    from hydra.core.config_store import ConfigStore
+
+    from xa_lightning.reporting import sweeps
+
+    assert sweeps.tables_named(["+table=sun_steps", "table.scale=tiny", "seed=0,1"]) == {"sun_steps"}
+    assert sweeps.tables_named(["+table_run=a4a_table1/tiny/a4a,a4a_table1/tiny/upgraded"]) == {"a4a_table1"}
+    assert sweeps.tables_named(["experiment=demo/sun", "table_name=x"]) == set()
+    cfg = compose("train", ["+table=sun_ablations", "table.scale=tiny"], multirun=True)
+    assert cfg.table.name == "sun_ablations"
+    assert "sun_ablations" in ConfigStore.instance().repo["table_run"]

@@ -40,7 +40,7 @@ def compose_train():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    register_resolvers()
+    register_resolvers([f"+table={table.name}" for table in TABLES])  # as the CLI does for +table=<name>
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         yield lambda overrides: compose(config_name="train", overrides=overrides, return_hydra_config=True)
