@@ -3,11 +3,11 @@
 ``conf/table/<name>.yaml`` sweeps ``+table_run`` over the table's runs and ``seed`` over its seeds; both
 lists come from ``evaluation/tables/<name>.yaml`` through two resolvers, so the table file stays the one
 place that says what runs. Every run of a table the command names is a config option
-``table_run/<table>/<scale>/<run>`` in Hydra's ConfigStore: the run's experiment, its overrides, ``eval.seed: ${seed}`` (each seed scores its own
-images) and ``table: {name, scale, run, runs, experiment}`` (what ``xa-tables`` and the W&B tags read). Runs with
-the same experiment and overrides share one job. Runs that cannot start yet (their experiment does not
-exist, they declare ``needs``, or they have no tiny version) are left out of the sweep; the builder
-shows them as "not run" with that reason.
+``table_run/<table>/<scale>/<run>`` in Hydra's ConfigStore: the run's experiment, its overrides,
+``eval.seed: ${seed}`` (each seed scores its own images) and ``table: {name, scale, run, runs, experiment}``
+(what ``xa-tables`` and the W&B tags read). Runs with the same experiment and overrides share one job.
+Runs that cannot start yet (their experiment does not exist, they declare ``needs``, or they have no tiny
+version) are left out of the sweep; the builder shows them as "not run" with that reason.
 """
 
 from __future__ import annotations
