@@ -42,6 +42,8 @@ def test_every_sun_experiment_composes_and_builds_on_the_tiny_backbone(tmp_path)
         built.append(method)
         assert cfg.method._target_ == "xa_lightning.methods.sun.SUNModule"
         assert cfg.method.backbone.family == "sd15" and cfg.eval.pairs[0] == ["sun", "teacher"]
+        if experiment.startswith("sun/"):  # the sun_* tables' protocol, not the training data's captions
+            assert cfg.eval.prompts_file.endswith("evaluation/prompts/coco_like.txt")
         if cfg.method.adapter.require_init_weights:  # evaluation experiments: given weights or a clear error
             assert cfg.train is False
             with pytest.raises(Exception) as error:  # Hydra wraps constructor errors in InstantiationException
