@@ -229,6 +229,75 @@ def _is_dtensor(tensor: Any) -> bool:
     return isinstance(tensor, DTensor)
 
 
+# Fingerprints read a frozen tensor in chunks of this many elements (a float64 copy of one chunk at a time).
+_FINGERPRINT_CHUNK = 1 << 22
+
+
+def _fingerprint(tensor: Any) -> Any:
+    """Four float64 sums of a tensor (values, squares, alternating signs, chunk-weighted): equal tensors give
+    equal fingerprints; a different draw, a shifted or a permuted tensor practically never does."""
+    import torch
+
+    flat = tensor.detach().reshape(-1)
+    sums = torch.zeros(4, dtype=torch.float64, device=flat.device)
+    for index, start in enumerate(range(0, flat.numel(), _FINGERPRINT_CHUNK)):
+        chunk = flat[start : start + _FINGERPRINT_CHUNK].double()
+        total = chunk.sum()
+        sums += torch.stack([total, (chunk * chunk).sum(), chunk[0::2].sum() - chunk[1::2].sum(), (index + 1) * total])
+    return sums
+
+
+def sync_frozen_state(model: nn.Module, device: Any) -> tuple[list[str], list[str]]:
+    """Make ``model``'s frozen parameters and its buffers equal on every rank without sending them all.
+
+    Every rank loads the frozen backbones from the same files (or builds the same seeded tiny ones), so each
+    rank fingerprints them and only the tensors whose fingerprint differs from rank 0's are broadcast from
+    rank 0 (a frozen random stand-in drawn per rank, different hardware). Returns (every name made equal,
+    the names that were broadcast)."""
+    import torch
+    import torch.distributed as dist
+
+    tensors = {name: p for name, p in model.named_parameters() if not p.requires_grad}
+    tensors.update(model.named_buffers())
+    names = list(tensors)
+    if not names:
+        return [], []
+    local = torch.stack([_fingerprint(tensors[name]).to(device) for name in names])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    differs = torch.stack([(rank != gathered[0]).any(dim=1) for rank in gathered]).any(dim=0).tolist()
+    broadcast = [name for name, differ in zip(names, differs) if differ]
+    with torch.no_grad():
+        for name in broadcast:
+            tensor = tensors[name].data
+            buffer = tensor if tensor.is_contiguous() and tensor.device == device else tensor.contiguous().to(device)
+            dist.broadcast(buffer, src=0)
+            if buffer is not tensor:
+                tensor.copy_(buffer)
+    return names, broadcast
+
+
+class AdapterDDPStrategy(DDPStrategy):
+    """``trainer=ddp``: DDP over the adapter. Plain DDP broadcasts every parameter and buffer from rank 0 when
+    it wraps the model, gigabytes of frozen backbone for SDXL or PixArt's T5; here the frozen ones are only
+    fingerprinted and broadcast where they differ (:func:`sync_frozen_state`), then left out of DDP.
+    ``frozen_broadcast`` lists what had to be sent (logged when not empty)."""
+
+    strategy_name = "xa_adapter_ddp"
+
+    def _setup_model(self, model: nn.Module) -> Any:
+        from torch.nn.parallel import DistributedDataParallel
+
+        frozen, self.frozen_broadcast = sync_frozen_state(model, self.root_device)
+        if self.frozen_broadcast and self.global_rank == 0:
+            shown = ", ".join(self.frozen_broadcast[:3]) + (", ..." if len(self.frozen_broadcast) > 3 else "")
+            log.info(
+                "ddp: %d frozen tensors differed across ranks, sent from rank 0 (%s)", len(self.frozen_broadcast), shown
+            )
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        return super()._setup_model(model)
+
+
 class FrozenFSDPStrategy(DDPStrategy):
     """``trainer=fsdp``: the frozen backbones sharded over the ranks, the adapter trained as with DDP.
 
