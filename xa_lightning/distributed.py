@@ -14,8 +14,9 @@ adapter export and the summary line.
 (a rank that failed fails the job), stops them when rank 0 failed, and leaves no process group and no
 launcher environment behind, so the next job of a sweep starts its own ranks.
 
-:class:`FrozenFSDPStrategy` (``trainer=fsdp``) shards the frozen backbones over the ranks block by block
-(FSDP2) and trains the adapter as DDP does. docs/benchmarks.md describes both.
+:class:`AdapterDDPStrategy` (``trainer=ddp``) checks the frozen weights across ranks by fingerprint instead
+of re-sending them; :class:`FrozenFSDPStrategy` (``trainer=fsdp``) shards the frozen backbones over the ranks
+block by block (FSDP2) and trains the adapter as DDP does. docs/benchmarks.md describes both.
 """
 
 from __future__ import annotations
