@@ -158,6 +158,7 @@ def test_evaluation_samplers(tmp_path):
         ({"adapter": {"norm_scop": "sample"}}, "method.adapter.norm_scop"),
         ({"adapter": {"norm_scope": "channel"}}, "method.adapter.norm_scope='channel': choose one of sample, token"),
         ({"adapter": {"projection_init": "copied"}}, "method.adapter.projection_init='copied'"),
+        ({"adapter": {"scale_lr": 0}}, "method.adapter.scale_lr=0: must be positive"),
         ({"teacher": {"negative_prompts": "/nonexistent/negatives.txt"}}, "negative_prompts"),
     ],
 )
@@ -277,3 +278,34 @@ def test_each_ddp_rank_draws_its_own_training_randomness_reproducibly(tmp_path, 
     assert not torch.equal(draws0["noise"], draws1["noise"]) and torch.equal(draws0["noise"], again0["noise"])
     if "negatives" in draws0:
         assert draws0["negatives"] != draws1["negatives"] and draws0["negatives"] == again0["negatives"]
+
+
+def test_scale_lr_gives_alpha_and_beta_their_own_learning_rate(tmp_path):
+    """method.adapter.scale_lr: a second AdamW group for the Attention Normalization scales. AdamW's first
+    step moves every parameter by about its group's lr, so the scales move 100x farther than the projections."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    cfg = _compose("demo/sun", tmp_path, "method.adapter.scale_lr=1e-3", "method.optimizer.lr=1e-5")
+    module = instantiate(cfg.method)
+    before = {k: v.clone() for k, v in module.adapter.named_parameters()}
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=CSVLogger(tmp_path),
+        callbacks=[LearningRateMonitor("step")],
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_batches(1), batch_size=None))
+    groups = {group["name"]: group for group in trainer.optimizers[0].param_groups}
+    assert set(groups) == {"projections", "scales"}
+    assert (groups["projections"]["lr"], groups["scales"]["lr"]) == (1e-5, 1e-3)
+    step = {k: (v - before[k]).abs().max().item() for k, v in module.adapter.named_parameters()}
+    scales = max(v for k, v in step.items() if k.endswith(("alpha", "beta")))
+    projections = max(v for k, v in step.items() if not k.endswith(("alpha", "beta")))
+    assert 5e-4 < scales < 2e-3 and projections < 2e-5
+    metrics = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
+    assert "lr-AdamW/projections" in metrics and "lr-AdamW/scales" in metrics

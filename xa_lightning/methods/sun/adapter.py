@@ -17,6 +17,9 @@ from xa_lightning.errors import UserError
 from xa_lightning.methods.sun.attention import PositiveOnlyAttnProcessor, SUNAttnProcessor
 from xa_lightning.methods.sun.config import NORM_SCOPES, PROJECTION_INITS
 
+# The Attention Normalization scales of a SUNLayer (method.adapter.scale_lr gives them their own rate).
+SCALE_PARAMETERS = ("neg_alpha", "neg_beta", "pos_alpha", "pos_beta")
+
 
 class SUNLayer(nn.Module):
     """Weights SUN adds to one cross-attention layer.

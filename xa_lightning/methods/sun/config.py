@@ -28,6 +28,9 @@ class SUNAdapterOptions:
     ``init_weights``: start from trained weights instead: an official ``sun_adapter_*.safetensors`` or an
     xa-lightning adapter export directory (fine-tuning / evaluating released weights);
     ``require_init_weights``: refuse to start without them (evaluation-only experiments).
+    ``scale_lr``: learning rate of the Attention Normalization scales ``alpha`` / ``beta`` (a second AdamW
+    group, ``scales``, beside ``projections``); null: one group at ``method.optimizer.lr``. From the identity
+    (``alpha_init: 0``) the correction grows with ``alpha``, slowly at lr 1e-5: its own rate speeds that up.
     """
 
     use_positive_branch: bool = False
@@ -38,8 +41,11 @@ class SUNAdapterOptions:
     projection_init: str = "copy"
     init_weights: str | None = None
     require_init_weights: bool = False
+    scale_lr: float | None = None
 
     def __post_init__(self) -> None:
+        if self.scale_lr is not None and not float(self.scale_lr) > 0:
+            raise UserError(f"method.adapter.scale_lr={self.scale_lr}: must be positive (null: the optimizer's lr)")
         # Checked here, before any backbone loads (SUNAdapter checks again for direct callers).
         for key, value, choices in (
             ("norm_scope", self.norm_scope, NORM_SCOPES),

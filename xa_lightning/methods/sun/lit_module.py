@@ -9,7 +9,7 @@ import torch
 
 from xa_lightning.config import coerce_options
 from xa_lightning.errors import UserError
-from xa_lightning.methods.sun.adapter import SUNAdapter
+from xa_lightning.methods.sun.adapter import SCALE_PARAMETERS, SUNAdapter
 from xa_lightning.methods.sun.attention import concat_negative
 from xa_lightning.methods.sun.config import DistillationConfig, SamplingOptions, SUNAdapterOptions, TeacherOptions
 from xa_lightning.methods.sun.msc import SUNDistillation
@@ -109,6 +109,20 @@ class SUNModule(SUNSampling, AdapterModule):
         )
 
     # ------------------------------------------------------------------ text
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One group, or with ``method.adapter.scale_lr`` two: ``projections`` (the optimizer's lr) and
+        ``scales`` (alpha / beta at ``scale_lr``); LearningRateMonitor logs each by name."""
+        scale_lr = self.adapter_options.scale_lr
+        if scale_lr is None:
+            return super().param_groups()
+        named = [(n, p) for n, p in self.adapter.named_parameters() if p.requires_grad]
+        scales = [p for n, p in named if n.rsplit(".", 1)[-1] in SCALE_PARAMETERS]
+        projections = [p for n, p in named if n.rsplit(".", 1)[-1] not in SCALE_PARAMETERS]
+        return [
+            {"params": projections, "name": "projections"},
+            {"params": scales, "name": "scales", "lr": float(scale_lr)},
+        ]
+
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         with torch.no_grad():
             return self.backbone.encode_text(list(prompts)).prompt_embeds
