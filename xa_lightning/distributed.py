@@ -26,7 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -248,18 +248,19 @@ def _fingerprint(tensor: Any) -> Any:
     return sums
 
 
-def sync_frozen_state(model: nn.Module, device: Any) -> tuple[list[str], list[str]]:
+def sync_frozen_state(model: nn.Module, device: Any, skip: Collection[str] = ()) -> tuple[list[str], list[str]]:
     """Make ``model``'s frozen parameters and its buffers equal on every rank without sending them all.
 
     Every rank loads the frozen backbones from the same files (or builds the same seeded tiny ones), so each
     rank fingerprints them and only the tensors whose fingerprint differs from rank 0's are broadcast from
-    rank 0 (a frozen random stand-in drawn per rank, different hardware). Returns (every name made equal,
-    the names that were broadcast)."""
+    rank 0 (a frozen random stand-in drawn per rank, different hardware). ``skip``: names handled elsewhere
+    (sharded ones). Returns (every name made equal, the names that were broadcast)."""
     import torch
     import torch.distributed as dist
 
-    tensors = {name: p for name, p in model.named_parameters() if not p.requires_grad}
-    tensors.update(model.named_buffers())
+    skip = set(skip)
+    tensors = {name: p for name, p in model.named_parameters() if not p.requires_grad and name not in skip}
+    tensors.update((name, b) for name, b in model.named_buffers() if name not in skip)
     names = list(tensors)
     if not names:
         return [], []
@@ -285,21 +286,27 @@ class AdapterDDPStrategy(DDPStrategy):
     ``frozen_broadcast`` lists what had to be sent (logged when not empty)."""
 
     strategy_name = "xa_adapter_ddp"
+    frozen_broadcast: list[str]
+
+    def _handled_elsewhere(self, model: nn.Module) -> list[str]:
+        """Names of tensors a subclass distributes its own way (neither fingerprinted nor given to DDP)."""
+        return []
 
     def _setup_model(self, model: nn.Module) -> Any:
         from torch.nn.parallel import DistributedDataParallel
 
-        frozen, self.frozen_broadcast = sync_frozen_state(model, self.root_device)
+        elsewhere = self._handled_elsewhere(model)
+        frozen, self.frozen_broadcast = sync_frozen_state(model, self.root_device, skip=elsewhere)
         if self.frozen_broadcast and self.global_rank == 0:
             shown = ", ".join(self.frozen_broadcast[:3]) + (", ..." if len(self.frozen_broadcast) > 3 else "")
             log.info(
                 "ddp: %d frozen tensors differed across ranks, sent from rank 0 (%s)", len(self.frozen_broadcast), shown
             )
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, [*elsewhere, *frozen])
         return super()._setup_model(model)
 
 
-class FrozenFSDPStrategy(DDPStrategy):
+class FrozenFSDPStrategy(AdapterDDPStrategy):
     """``trainer=fsdp``: the frozen backbones sharded over the ranks, the adapter trained as with DDP.
 
     The frozen models are what is large (SDXL's UNet 2.6 B parameters, PixArt's T5-XXL 4.7 B; the adapters are
@@ -325,15 +332,13 @@ class FrozenFSDPStrategy(DDPStrategy):
         _check_evaluation_batches(trainer, self.world_size)
         super().setup(trainer)
 
-    def _setup_model(self, model: nn.Module) -> Any:
+    def _handled_elsewhere(self, model: nn.Module) -> list[str]:
+        """Shard the frozen denoisers and text encoders; DDP must neither broadcast nor bucket them. The other
+        frozen parts (VAE, image encoders) are fingerprinted as with ``trainer=ddp``; DDP handles the adapter."""
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.nn.parallel import DistributedDataParallel
 
         mesh = init_device_mesh(self.root_device.type, (self.world_size,))
-        sharded = shard_frozen_backbones(model, mesh, self.reshard_after_forward)
-        # DDP would broadcast and bucket the sharded (frozen) parameters; it handles the adapter alone.
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sharded)
-        return super()._setup_model(model)
+        return shard_frozen_backbones(model, mesh, self.reshard_after_forward)
 
 
 def _check_evaluation_batches(trainer: Any, world_size: int) -> None:

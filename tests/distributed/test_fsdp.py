@@ -45,7 +45,12 @@ class ShardRecorder(L.Callback):
                     "sharded_text_layer_params": sum(hasattr(p, "to_local") for p in layers),
                 }
         sharded_adapter = any(hasattr(p, "to_local") for p in pl_module.adapter.parameters())
-        record = {"held": held, "losses": self.losses, "adapter_sharded": sharded_adapter}
+        record = {
+            "held": held,
+            "losses": self.losses,
+            "adapter_sharded": sharded_adapter,
+            "frozen_broadcast": getattr(trainer.strategy, "frozen_broadcast", None),  # VAE etc.: fingerprinted
+        }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
         trainer.save_checkpoint(self.out / "last.ckpt")  # every rank calls it; rank 0 writes
 
@@ -87,6 +92,7 @@ def test_sharded_backbones_train_the_adapter_as_ddp_does(tmp_path):
         for held in ddp[rank]["held"].values():
             assert held["denoiser"] == 1 and held["sharded_text_layer_params"] == 0
         assert not fsdp[rank]["adapter_sharded"]
+        assert fsdp[rank]["frozen_broadcast"] == []  # the unsharded frozen parts are equal: nothing re-sent
         assert fsdp[rank]["losses"] == pytest.approx(ddp[rank]["losses"], rel=1e-5, abs=1e-7)
     assert fsdp[0]["losses"] != fsdp[1]["losses"]  # each rank its own data
     checkpoint = safe_torch_load(tmp_path / "fsdp" / "last.ckpt")
