@@ -250,3 +250,25 @@ def test_the_default_start_is_the_frozen_model_and_training_can_leave_it(backbon
     unet(latents, 500, encoder_hidden_states=states).sample.pow(2).mean().backward()
     for kind in ("neg_alpha", "neg_beta", "pos_alpha", "pos_beta"):
         assert any(p.grad.abs().sum() > 0 for n, p in adapter.named_parameters() if kind in n), kind
+
+
+def test_an_installed_adapter_survives_pickling_and_still_uninstalls(backbone, unet):
+    """ddp_spawn pickles the module; deepcopy too. The copy's UNet runs the copied adapter, and uninstalling
+    gives that UNet back its original processors (found in the SUN processors, which keep them)."""
+    import pickle
+
+    latents, positive, negative = _inputs(backbone)
+    reference = _run(unet, latents, positive)
+    adapter = random_adapter(unet)
+    adapter.install(unet)
+    states = concat_negative(positive, negative)
+    with_sun = _run(unet, latents, states)
+    unet_copy, adapter_copy = pickle.loads(pickle.dumps((unet, adapter)))
+    assert adapter_copy.is_installed(unet_copy) and not adapter_copy.is_installed(unet)
+    assert torch.equal(_run(unet_copy, latents, states), with_sun)
+    adapter_copy.uninstall(unet_copy)
+    assert not adapter_copy.is_installed(unet_copy)
+    assert not any(isinstance(p, SUNAttnProcessor) for p in unet_copy.attn_processors.values())
+    assert torch.equal(_run(unet_copy, latents, positive), reference)
+    assert adapter.is_installed(unet)  # the original is untouched
+    adapter.uninstall(unet)

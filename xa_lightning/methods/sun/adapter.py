@@ -107,6 +107,17 @@ class SUNAdapter(ModelMixin, ConfigMixin):
         # The surgery of every UNet this adapter is installed in; weak, so a dropped UNet leaves with its entry.
         self._surgeries: weakref.WeakKeyDictionary[nn.Module, Surgery] = weakref.WeakKeyDictionary()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Surgery handles hold closures and cannot be pickled (ddp_spawn, deepcopy): they are left out, and
+        # uninstall then finds what to restore in the installed SUN processors, each keeping the one it replaced.
+        state = dict(super().__getstate__())
+        state["_surgeries"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._surgeries = weakref.WeakKeyDictionary()
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_unet(
@@ -202,6 +213,14 @@ class SUNAdapter(ModelMixin, ConfigMixin):
         surgery = self._surgeries.pop(unet, None)
         if surgery is not None:
             surgery.remove()
+            return
+        ours = [
+            layer
+            for layer in attention_layers(unet, "cross")
+            if isinstance(layer.module.processor, SUNAttnProcessor) and layer.module.processor.adapter is self
+        ]
+        if ours:  # installed before this adapter was copied or unpickled
+            install_processors(unet, lambda layer: layer.module.processor.original, ours)
 
     def is_installed(self, unet: nn.Module) -> bool:
         """Whether ``unet``'s cross-attention layers run this adapter."""
