@@ -97,8 +97,8 @@ def real_statistics(
 
 def prepare_evaluation(cfg: EvaluationConfig, datamodule: Any = None, device: str | torch.device = "cpu") -> None:
     """Check everything an evaluation needs before anything is generated: the prompt / reference / real
-    sources the datamodule does not provide, the reference statistics file, and every metric's weights
-    and models (fetched where they may be). A problem is a one-line UserError."""
+    sources the config sets (or, unset, that the datamodule provides them), the reference statistics file,
+    and every metric's weights and models (fetched where they may be). A problem is a one-line UserError."""
     # A source set in the config wins over the datamodule's (a paper table pairs COCO captions with
     # COCO control maps while training on LAION); each set path must exist.
     if cfg.prompts_file:
