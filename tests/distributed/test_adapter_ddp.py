@@ -13,8 +13,9 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
-from xa_lightning.config import compose, instantiate
 from xa_lightning.distributed import AdapterDDPStrategy, _fingerprint
+
+from .two_ranks import fit_on_two_ranks
 
 
 def _digest(tensors) -> str:
@@ -51,24 +52,7 @@ class FrozenRecorder(L.Callback):
 
 
 def fit(strategy, out: Path, perturb: bool = False) -> list[dict]:
-    out.mkdir()
-    cfg = compose("train", ["experiment=demo/sun", "data.batch_size=2"])
-    torch.manual_seed(0)
-    module, datamodule = instantiate(cfg.method), instantiate(cfg.data)
-    L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[FrozenRecorder(out, perturb)],
-    ).fit(module, datamodule=datamodule)
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    return fit_on_two_ranks(strategy, out, "demo/sun", [FrozenRecorder(out, perturb)])
 
 
 def test_fingerprints_tell_equal_from_changed_tensors():

@@ -14,10 +14,11 @@ from lightning.pytorch.strategies import DDPStrategy
 from safetensors.torch import load_file
 
 from xa_lightning.backbones import Backbone, build_backbone
-from xa_lightning.config import compose, instantiate
 from xa_lightning.distributed import FrozenFSDPStrategy, shardable_blocks
 from xa_lightning.errors import UserError
 from xa_lightning.training import AdapterExport, AtomicCheckpointIO, safe_torch_load
+
+from .two_ranks import fit_on_two_ranks
 
 
 class ShardRecorder(L.Callback):
@@ -56,26 +57,8 @@ class ShardRecorder(L.Callback):
 
 
 def fit(strategy, out: Path, experiment: str = "demo/x_adapter") -> list[dict]:
-    out.mkdir()
-    cfg = compose("train", [f"experiment={experiment}", "data.batch_size=2"])
-    torch.manual_seed(0)
-    module, datamodule = instantiate(cfg.method), instantiate(cfg.data)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        plugins=[AtomicCheckpointIO()],
-        callbacks=[ShardRecorder(out), AdapterExport(str(out / "adapter"))],
-    )
-    trainer.fit(module, datamodule=datamodule)
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    callbacks = [ShardRecorder(out), AdapterExport(str(out / "adapter"))]
+    return fit_on_two_ranks(strategy, out, experiment, callbacks, plugins=[AtomicCheckpointIO()])
 
 
 @pytest.mark.slow
