@@ -40,6 +40,23 @@ def _band(axis: Any, xs: list[float], means: list[float], stds: list[float | Non
         axis.fill_between(xs, low, high, color=color, alpha=0.2, linewidth=0)
 
 
+def _label_axis(axis: Any, x_label: str, y_label: str) -> None:
+    axis.set_xlabel(x_label)
+    axis.set_ylabel(y_label)
+    axis.grid(alpha=0.3)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=7)
+
+
+def _finish(figure: Any, result: CurvesResult | TableResult, drawn: bool, path: str | Path) -> bool:
+    """Title and save a figure that shows something; False (nothing written) when nothing was drawn."""
+    if not drawn:
+        return False
+    figure.suptitle(result.table.title + (TINY_SUFFIX if result.scale == "tiny" else ""), fontsize=10)
+    _save(figure, path)
+    return True
+
+
 def plot_curves(result: CurvesResult, path: str | Path) -> bool:
     """One panel per metric: each series' mean over seeds against Sample Count (or steps), ± std band,
     and the paper's points (hollow where the paper gives them only approximately). False: nothing to draw."""
@@ -78,16 +95,8 @@ def plot_curves(result: CurvesResult, path: str | Path) -> bool:
             drawn = True
         if table.log_x and not steps_only:
             axis.set_xscale("log")
-        axis.set_xlabel("optimizer step" if steps_only else table.x_label)
-        axis.set_ylabel(panel.label)
-        axis.grid(alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=7)
-    if not drawn:
-        return False
-    figure.suptitle(table.title + (TINY_SUFFIX if result.scale == "tiny" else ""), fontsize=10)
-    _save(figure, path)
-    return True
+        _label_axis(axis, "optimizer step" if steps_only else table.x_label, panel.label)
+    return _finish(figure, result, drawn, path)
 
 
 def plot_table(result: TableResult, path: str | Path) -> bool:
@@ -130,16 +139,8 @@ def plot_table(result: TableResult, path: str | Path) -> bool:
         pad = 0.05 * (ticks[-1] - ticks[0]) or 0.5
         axis.set_xticks(ticks)
         axis.set_xlim(ticks[0] - pad, ticks[-1] + pad)
-        axis.set_xlabel(table.plot.x_label)
-        axis.set_ylabel(column.label)
-        axis.grid(alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=7)
-    if not drawn:
-        return False
-    figure.suptitle(table.title + (TINY_SUFFIX if result.scale == "tiny" else ""), fontsize=10)
-    _save(figure, path)
-    return True
+        _label_axis(axis, table.plot.x_label, column.label)
+    return _finish(figure, result, drawn, path)
 
 
 def labelled_grid(
