@@ -8,8 +8,9 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from xa_lightning.backbones import Backbone, backbone_from_config, build_backbone
-from xa_lightning.config import compose, instantiate
 from xa_lightning.errors import UserError
+
+from ..demo_methods import demo_module_and_batch
 
 BF16_FROZEN = {
     "sun": ["backbone.dtype=bf16"],
@@ -20,13 +21,7 @@ BF16_FROZEN = {
 
 @pytest.mark.parametrize("name", sorted(BF16_FROZEN))
 def test_bf16_frozen_models_train_an_fp32_adapter_with_an_fp32_loss(name):
-    cfg = compose("train", [f"experiment=demo/{name}", "data.batch_size=2", *BF16_FROZEN[name]])
-    torch.manual_seed(0)
-    module = instantiate(cfg.method)
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    batch = next(iter(datamodule.train_dataloader()))
+    module, batch, _ = demo_module_and_batch(name, *BF16_FROZEN[name])
     backbones = [m for m in module.modules() if isinstance(m, Backbone)]
     frozen = [p for backbone in backbones for p in backbone.denoiser.parameters()]
     assert {p.dtype for p in frozen} == {torch.bfloat16}

@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 import torch
 
-from xa_lightning.config import compose, instantiate
+from xa_lightning.config import compose
 from xa_lightning.errors import UserError
 from xa_lightning.methods import METHODS
 from xa_lightning.training import AdapterModule
+
+from ..demo_methods import demo_module_and_batch
 
 NAMES = sorted(METHODS)
 
@@ -34,13 +36,7 @@ def _registered_class(name: str) -> type:
 def built(request: pytest.FixtureRequest) -> Iterator[tuple[str, AdapterModule, dict[str, Any], Any]]:
     """(name, module, one training batch of 2, datamodule) from the method's demo experiment."""
     name = request.param
-    cfg = compose("train", [f"experiment=demo/{name}", "data.batch_size=2"])
-    torch.manual_seed(0)
-    module = instantiate(cfg.method)
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    batch = next(iter(datamodule.train_dataloader()))
+    module, batch, datamodule = demo_module_and_batch(name)
     yield name, module, batch, datamodule
 
 
