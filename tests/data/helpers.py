@@ -231,3 +231,39 @@ def save_tiny_blip2(directory: Path) -> Path:
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+DEMO_LAION_FILTERS = dict(min_side=64, min_aesthetic=4.5, max_pwatermark=0.8, max_punsafe=0.5)
+
+
+def demo_laion(demo_root: Path, **kwargs: Any) -> Any:
+    """A small LaionDataModule over the demo shards (32 px, batches of 2, no workers); ``kwargs`` override."""
+    from xa_lightning.data import LaionDataModule
+
+    options: dict[str, Any] = dict(
+        root=str(demo_root / "laion"),
+        resolution=32,
+        batch_size=2,
+        num_workers=0,
+        val_fraction=0.2,
+        epoch_samples=16,
+        shuffle_buffer=8,
+        filters=DEMO_LAION_FILTERS,
+    )
+    return LaionDataModule(**{**options, **kwargs})
+
+
+def demo_faces(demo_root: Path, **kwargs: Any) -> Any:
+    """A small CelebAMaskHQDataModule over the demo faces (32 px, 16 px references, batches of 4)."""
+    from xa_lightning.data import CelebAMaskHQDataModule
+
+    options: dict[str, Any] = dict(
+        root=str(demo_root / "celebamask_hq"),
+        identity_file="identity_CelebA.txt",
+        val_identities=4,
+        resolution=32,
+        reference_resolution=16,
+        batch_size=4,
+        num_workers=0,
+    )
+    return CelebAMaskHQDataModule(**{**options, **kwargs})

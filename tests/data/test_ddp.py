@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 
-from tests.data.helpers import Consumer, quiet_trainer
-from xa_lightning.data import CelebAMaskHQDataModule, LaionDataModule
+from tests.data.helpers import Consumer, demo_faces, demo_laion, quiet_trainer
 
 
 def fit_two_ranks(datamodule, out_dir):
@@ -22,26 +21,8 @@ def fit_two_ranks(datamodule, out_dir):
 
 
 def test_two_process_ddp_distinct_samples_equal_batches(demo_root, tmp_path):
-    laion = LaionDataModule(
-        root=str(demo_root / "laion"),
-        resolution=32,
-        batch_size=2,
-        num_workers=0,
-        seed=0,
-        val_fraction=0.2,
-        epoch_samples=12,
-        shuffle_buffer=4,
-        filters=dict(min_side=64, min_aesthetic=4.5, max_pwatermark=0.8, max_punsafe=0.5),
-    )
-    faces = CelebAMaskHQDataModule(
-        root=str(demo_root / "celebamask_hq"),
-        identity_file="identity_CelebA.txt",
-        val_identities=4,
-        resolution=32,
-        reference_resolution=16,
-        batch_size=4,
-        num_workers=0,
-    )
+    laion = demo_laion(demo_root, seed=0, epoch_samples=12, shuffle_buffer=4)
+    faces = demo_faces(demo_root)
     for name, datamodule, batches in (("laion", laion, 3), ("faces", faces, 4)):  # 12/(2x2); 36 faces/(2x4)
         a, b = fit_two_ranks(datamodule, tmp_path / name)
         assert a["world_size"] == b["world_size"] == 2

@@ -9,40 +9,18 @@ import logging
 
 import pytest
 
+from tests.data.helpers import demo_faces, demo_laion
 from xa_lightning.data import CelebAMaskHQDataModule, LaionDataModule
-
-FILTERS = dict(min_side=64, min_aesthetic=4.5, max_pwatermark=0.8, max_punsafe=0.5)
 
 
 def laion(demo_root, **kwargs) -> LaionDataModule:
-    options = dict(
-        root=str(demo_root / "laion"),
-        resolution=32,
-        batch_size=2,
-        num_workers=0,
-        val_fraction=0.2,
-        epoch_samples=16,
-        shuffle_buffer=8,
-        filters=FILTERS,
-        log_counts=False,
-    )
-    datamodule = LaionDataModule(**{**options, **kwargs})
+    datamodule = demo_laion(demo_root, **{"log_counts": False, **kwargs})
     datamodule.setup()
     return datamodule
 
 
 def faces(demo_root, **kwargs) -> CelebAMaskHQDataModule:
-    options = dict(
-        root=str(demo_root / "celebamask_hq"),
-        identity_file="identity_CelebA.txt",
-        val_identities=4,
-        resolution=32,
-        reference_resolution=16,
-        batch_size=4,
-        num_workers=0,
-        log_counts=False,
-    )
-    datamodule = CelebAMaskHQDataModule(**{**options, **kwargs})
+    datamodule = demo_faces(demo_root, **{"log_counts": False, **kwargs})
     datamodule.setup()
     return datamodule
 
