@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from xa_lightning.errors import UserError
 from xa_lightning.paths import repo_root
-from xa_lightning.reporting.schema import SCALES, RunSpec, Table, load_table, table_names
+from xa_lightning.reporting.schema import SCALES, RunSpec, Table, load_table
 
 GROUP = "table_run"
 RUNS_RESOLVER = "xa.table_runs"
@@ -175,8 +175,6 @@ def register(tables: Iterable[str] = ()) -> None:
         OmegaConf.register_new_resolver(SEEDS_RESOLVER, sweep_seeds)
     store = ConfigStore.instance()
     for name in sorted(set(tables) - _registered_tables):
-        if name not in table_names():
-            continue
         try:
             table = load_table(name)
         except UserError:
